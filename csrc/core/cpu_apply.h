@@ -1,0 +1,82 @@
+// The CPU multi-tensor loop: runs a functor over all tensors of a call, chunk by chunk, in
+// parallel, with a deterministic reduction (per-chunk partials in double, summed in order,
+// so the result does not depend on the thread count).
+#pragma once
+
+#include <vector>
+
+#include "dtypes.h"
+#include "launch_plan.h"
+
+namespace sama {
+
+// A device-or-host scalar: value, times ptr[0] (or ptr[tensor] when per_tensor) if ptr is set.
+struct ScalarArg {
+  double value = 0.0;
+  const double* ptr = nullptr;
+  bool per_tensor = false;
+};
+
+SAMA_HD double resolve(const ScalarArg& s, int64_t tensor) {
+  return s.ptr ? s.value * s.ptr[s.per_tensor ? tensor : 0] : s.value;
+}
+
+// Raw pointers of one call: in[k * n_tensors + t] is input list k, tensor t (same for out).
+struct Lists {
+  int64_t n_tensors = 0;
+  const void* const* in = nullptr;
+  void* const* out = nullptr;
+  const int64_t* numel = nullptr;
+  const int64_t* tensor_id = nullptr;  // index for per-tensor scalars (default: t itself)
+  int64_t id(int64_t t) const { return tensor_id ? tensor_id[t] : t; }
+};
+
+constexpr int64_t kCpuChunk = 1 << 15;  // 32K elements: several per thread, fits in L2
+
+template <typename Op, typename Tin, typename Tout, typename A>
+double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
+                 int64_t begin, int64_t end) {
+  const Tin* in[Op::kIn];
+  Tout* out[Op::kOut];
+  for (int k = 0; k < Op::kIn; ++k) in[k] = static_cast<const Tin*>(l.in[k * l.n_tensors + t]) + begin;
+  for (int k = 0; k < Op::kOut; ++k) out[k] = static_cast<Tout*>(l.out[k * l.n_tensors + t]) + begin;
+  const int64_t len = end - begin;
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < len; ++i) {
+    A x[Op::kIn];
+    A y[Op::kOut];
+    for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
+    if (Op::kLoadsOut)
+      for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(out[k][i]);
+    const A r = op.apply(ctx, x, y);
+    if (Op::kReduces) acc += double(r);
+    for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
+  }
+  return acc;
+}
+
+// parallel_for(begin, end, fn(b, e)) is supplied by the caller (at::parallel_for in the
+// torch glue, a serial loop in the C++ tests), keeping this file free of any runtime.
+template <typename Op, typename Tin, typename Tout, typename ParallelFor>
+double cpu_apply(const Op& op, const Lists& l, ScalarArg s0, ScalarArg s1, ParallelFor&& parallel_for) {
+  using A = math_t<Tin>;
+  const Plan plan = make_plan(l.numel, l.n_tensors, kCpuChunk, INT32_MAX, INT32_MAX);
+  const int64_t n_items = int64_t(plan.items.size());
+  std::vector<double> partial(size_t(n_items), 0.0);
+  parallel_for(int64_t(0), n_items, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const WorkItem& it = plan.items[size_t(i)];
+      const int64_t t = plan.slots[size_t(it.slot)];  // one launch: slots are global
+      int64_t begin, end;
+      item_range(plan, it, l.numel[t], &begin, &end);
+      const auto ctx = op.template prepare<A>(resolve(s0, l.id(t)), resolve(s1, l.id(t)));
+      partial[size_t(i)] = cpu_chunk<Op, Tin, Tout, A>(op, ctx, l, t, begin, end);
+    }
+  });
+  double sum = 0.0;
+  for (double p : partial) sum += p;
+  return sum;
+}
+
+}  // namespace sama

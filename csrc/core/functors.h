@@ -1,0 +1,196 @@
+// The per-element math of every fused kernel, written once for the CPU loops and the CUDA
+// kernels alike (DESIGN §2, §4).
+//
+// A functor describes one element-wise op over kIn input lists and kOut output lists:
+//   prepare(a, b)      per-tensor constants from the two scalar arguments, resolved by the
+//                      launcher (a host value, optionally times a device value: lr tensors,
+//                      per-tensor Adam steps, ε);
+//   apply(ctx, x, y)   reads x[kIn], writes y[kOut] (pre-loaded when kLoadsOut) and returns
+//                      the value summed over all elements when kReduces (Σv² for adapt).
+// Math runs in A = float for fp32/bf16/fp16 storage and double for fp64 storage.
+#pragma once
+
+#include <cmath>
+
+#include "dtypes.h"
+
+namespace sama {
+
+template <typename A> SAMA_HD A fused_mul_add(A a, A b, A c);
+template <> SAMA_HD float fused_mul_add<float>(float a, float b, float c) { return fmaf(a, b, c); }
+template <> SAMA_HD double fused_mul_add<double>(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename A> SAMA_HD A math_sqrt(A x) { return sqrt(x); }
+template <> SAMA_HD float math_sqrt<float>(float x) { return sqrtf(x); }
+
+// How adapt treats coordinates whose second moment is exactly zero (never-seen inputs),
+// where Adam's exact diagonal is lr(1-β1)/(bc1·eps) and dominates ‖v‖ (DESIGN §2).
+enum Safeguard : int { kSafeguardNone = 0, kSafeguardZeroUnseen = 1 };
+
+// ---------------------------------------------------------------- Adam / AdamW
+// Post-step state m = exp_avg, q = exp_avg_sq (q_max under AMSGrad), step t:
+//   h = sqrt(q/bc2), D = h + eps, g_e = s·g + wd·θ (wd: coupled decay only)
+//   du/dg_e = lr·[(1-β1)/bc1 / D − (m/bc1)·(1-β2)·g_e/(bc2·h·D²)]   (second term 0 at h = 0)
+// and v = s·du/dg_e·d. Under AMSGrad the second term only exists where this step set the max.
+template <bool kAmsgrad, bool kCoupledDecay>
+struct AdamDiag {
+  static constexpr int kIn = 4 + kAmsgrad + kCoupledDecay;  // d, g, m, q, [q_max], [θ]
+  static constexpr int kOut = 1;                              // v
+  static constexpr bool kLoadsOut = false;
+  static constexpr bool kReduces = true;
+
+  double beta1, beta2, eps, weight_decay, sign;
+  int safeguard;
+
+  template <typename A> struct Ctx { A lr, first_num, inv_bc1, r_coef, inv_sqrt_bc2, eps, wd, sign; };
+
+  // a = lr, b = step
+  template <typename A> SAMA_HD Ctx<A> prepare(double lr, double step) const {
+    const double bc1 = 1.0 - pow(beta1, step);
+    const double bc2 = 1.0 - pow(beta2, step);
+    return Ctx<A>{A(lr), A((1.0 - beta1) / bc1), A(1.0 / bc1), A((1.0 - beta2) / bc2),
+                  A(1.0 / sqrt(bc2)), A(eps), A(weight_decay), A(sign)};
+  }
+
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    const A d = x[0], g = x[1], m = x[2], q = x[3];
+    const A q_used = kAmsgrad ? x[4] : q;
+    const A theta = kCoupledDecay ? x[4 + kAmsgrad] : A(0);
+    const A ge = c.sign * g + c.wd * theta;
+    const A h = math_sqrt(q_used) * c.inv_sqrt_bc2;
+    const A D = h + c.eps;
+    const bool curved = h > A(0) && (!kAmsgrad || q == q_used);
+    // Grouped as (m/bc1 / D)·((1-β2)/bc2·g_e/h / D): both factors stay O(1), no underflow.
+    const A second = curved ? (m * c.inv_bc1 / D) * (c.r_coef * ge / h / D) : A(0);
+    A diag = c.lr * (c.first_num / D - second);
+    if (safeguard == kSafeguardZeroUnseen && q_used == A(0)) diag = A(0);
+    const A v = c.sign * diag * d;
+    y[0] = v;
+    return v * v;
+  }
+};
+
+// ---------------------------------------------------------------- SGD (and any constant diagonal)
+// v = c·d with c = s·lr·k, k from momentum/dampening/nesterov (chosen on the host).
+struct ConstDiag {
+  static constexpr int kIn = 1, kOut = 1;  // d -> v
+  static constexpr bool kLoadsOut = false, kReduces = true;
+  double factor;  // s·k
+
+  template <typename A> struct Ctx { A c; };
+  template <typename A> SAMA_HD Ctx<A> prepare(double lr, double) const { return Ctx<A>{A(lr * factor)}; }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    const A v = c.c * x[0];
+    y[0] = v;
+    return v * v;
+  }
+};
+
+// ---------------------------------------------------------------- RMSprop
+// Post-step square_avg S (and grad_avg G when centered): R = sqrt(S) or sqrt(S − G²),
+// D = R + eps, update lr·g_e/D (momentum only integrates it, same derivative):
+//   du/dg_e = lr·[1/D − (g_e/D)·(dR/dg_e)/D],  dR/dg_e = (1-α)(g_e − G)/R  (G = 0 uncentered)
+template <bool kCentered, bool kCoupledDecay>
+struct RmspropDiag {
+  static constexpr int kIn = 3 + kCentered + kCoupledDecay;  // d, g, S, [G], [θ]
+  static constexpr int kOut = 1;
+  static constexpr bool kLoadsOut = false, kReduces = true;
+  double alpha, eps, weight_decay, sign;
+
+  template <typename A> struct Ctx { A lr, one_m_alpha, eps, wd, sign; };
+  template <typename A> SAMA_HD Ctx<A> prepare(double lr, double) const {
+    return Ctx<A>{A(lr), A(1.0 - alpha), A(eps), A(weight_decay), A(sign)};
+  }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    const A d = x[0], g = x[1], S = x[2];
+    const A G = kCentered ? x[3] : A(0);
+    const A theta = kCoupledDecay ? x[3 + kCentered] : A(0);
+    const A ge = c.sign * g + c.wd * theta;
+    const A R = math_sqrt(kCentered ? S - G * G : S);
+    const A D = R + c.eps;
+    const A second = R > A(0) ? (ge / D) * (c.one_m_alpha * (ge - G) / R / D) : A(0);
+    const A v = c.sign * c.lr * (A(1) / D - second) * d;
+    y[0] = v;
+    return v * v;
+  }
+};
+
+// ---------------------------------------------------------------- Adagrad
+// Post-step sum Σ, step t: clr = lr/(1 + (t−1)·lr_decay), R = sqrt(Σ), D = R + eps:
+//   du/dg_e = clr·[1/D − (g_e/D)·(g_e/R)/D]
+template <bool kCoupledDecay>
+struct AdagradDiag {
+  static constexpr int kIn = 3 + kCoupledDecay;  // d, g, Σ, [θ]
+  static constexpr int kOut = 1;
+  static constexpr bool kLoadsOut = false, kReduces = true;
+  double lr_decay, eps, weight_decay, sign;
+
+  template <typename A> struct Ctx { A clr, eps, wd, sign; };
+  // a = lr, b = step
+  template <typename A> SAMA_HD Ctx<A> prepare(double lr, double step) const {
+    return Ctx<A>{A(lr / (1.0 + (step - 1.0) * lr_decay)), A(eps), A(weight_decay), A(sign)};
+  }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    const A d = x[0], g = x[1], sum = x[2];
+    const A theta = kCoupledDecay ? x[3] : A(0);
+    const A ge = c.sign * g + c.wd * theta;
+    const A R = math_sqrt(sum);
+    const A D = R + c.eps;
+    const A second = R > A(0) ? (ge / D) * (ge / R / D) : A(0);
+    const A v = c.sign * c.clr * (A(1) / D - second) * d;
+    y[0] = v;
+    return v * v;
+  }
+};
+
+// ---------------------------------------------------------------- perturbations
+// y = x + a·v with one rounding (fma). a == 0 leaves x exactly as it was, even where v is
+// not finite: a skipped meta step (ε = 0) must never write NaN into θ.
+struct Axpy {
+  static constexpr int kIn = 2, kOut = 1;  // x, v -> y (y may alias x)
+  static constexpr bool kLoadsOut = false, kReduces = false;
+
+  template <typename A> struct Ctx { A a; };
+  // a = scale (host value × optional device scalar)
+  template <typename A> SAMA_HD Ctx<A> prepare(double a, double) const { return Ctx<A>{A(a)}; }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    y[0] = c.a == A(0) ? x[0] : fused_mul_add(c.a, x[1], x[0]);
+    return A(0);
+  }
+};
+
+// Same, and keeps the original x: the exact restore copies it back bit for bit.
+struct AxpySave {
+  static constexpr int kIn = 2, kOut = 2;  // x, v -> y, backup
+  static constexpr bool kLoadsOut = false, kReduces = false;
+
+  template <typename A> struct Ctx { A a; };
+  template <typename A> SAMA_HD Ctx<A> prepare(double a, double) const { return Ctx<A>{A(a)}; }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    y[0] = c.a == A(0) ? x[0] : fused_mul_add(c.a, x[1], x[0]);
+    y[1] = x[0];
+    return A(0);
+  }
+};
+
+// ---------------------------------------------------------------- combine
+// out (+)= scale·(g⁻ − g⁺)/(2ε). ε = 0 (a skipped step) or non-finite contributes nothing.
+template <bool kAccumulate>
+struct Combine {
+  static constexpr int kIn = 2, kOut = 1;  // g⁻, g⁺ -> out
+  static constexpr bool kLoadsOut = kAccumulate, kReduces = false;
+
+  template <typename A> struct Ctx { A c; bool skip; };
+  // a = scale, b = ε
+  template <typename A> SAMA_HD Ctx<A> prepare(double scale, double eps) const {
+    const bool skip = !(eps != 0.0 && eps - eps == 0.0);  // x − x == 0 iff x is finite
+    return Ctx<A>{skip ? A(0) : A(scale / (2.0 * eps)), skip};
+  }
+  template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
+    const A base = kAccumulate ? y[0] : A(0);
+    y[0] = c.skip ? base : fused_mul_add(c.c, x[0] - x[1], base);
+    return A(0);
+  }
+};
+
+}  // namespace sama

@@ -1,0 +1,41 @@
+// Op schemas (TORCH_LIBRARY) and the CPU backend.
+#include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include "core/cpu_apply.h"
+#include "ops_impl.h"
+
+namespace sama {
+
+at::Tensor run_cpu(const OpSpec& spec, CheckedCall& c, bool reduce) {
+  auto parallel = [](int64_t begin, int64_t end, auto&& fn) { at::parallel_for(begin, end, 1, fn); };
+  double total = 0.0;
+  for (const Group& g : c.groups) {  // group order is fixed: the sum is deterministic
+    const Lists l = g.lists();
+    with_functor(spec, [&](auto op) {
+      using Op = decltype(op);
+      with_types<Op>(g.in_dtype, g.out_dtype, [&](auto tin, auto tout) {
+        using Tin = typename decltype(tin)::type;
+        using Tout = typename decltype(tout)::type;
+        total += cpu_apply<Op, Tin, Tout>(op, l, c.s0, c.s1, parallel);
+      });
+    });
+  }
+  if (!reduce) return at::Tensor();
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace sama
+
+TORCH_LIBRARY(sama_ext, m) {
+#define SAMA_DEF(name, schema) m.def(schema);
+  SAMA_EXT_OPS(SAMA_DEF)
+#undef SAMA_DEF
+}
+
+TORCH_LIBRARY_IMPL(sama_ext, CPU, m) {
+#define SAMA_IMPL(name, schema) m.impl(#name, &sama::name<sama::run_cpu>);
+  SAMA_EXT_OPS(SAMA_IMPL)
+#undef SAMA_IMPL
+}

@@ -1,0 +1,14 @@
+"""sama_ext: scalable meta learning (SAMA, Choe et al., NeurIPS 2023) as a PyTorch extension.
+
+Fused C++/CUDA kernels (JIT-built on first use) for the element-wise work of a SAMA meta step,
+and a thin Python layer. See README.md.
+"""
+from __future__ import annotations
+
+from ._backend import backend
+from ._build import BuildError
+from .adaptation import SAFEGUARDS, AdaptCall, adapt, register_diagonal
+from .ops import perturb_
+
+__all__ = ["adapt", "perturb_", "backend", "register_diagonal", "AdaptCall", "SAFEGUARDS", "BuildError"]
+__version__ = "0.1.0"

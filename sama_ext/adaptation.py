@@ -1,0 +1,259 @@
+"""Step 2 of SAMA: v = diag(du/dg) ⊙ d for the user's own optimiser, and ‖v‖₂.
+
+The diagonal is the exact element-wise derivative of the optimiser's real update rule with
+respect to the gradient it consumed in its last step() (DESIGN §2), read from each param
+group's hyperparameters and each param's post-step state. Built in: Adam, AdamW, SGD,
+RMSprop, Adagrad. Others: `register_diagonal`.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import ops
+
+__all__ = ["adapt", "register_diagonal", "AdaptCall", "SAFEGUARDS"]
+
+# How coordinates whose second moment is exactly 0 are treated (DESIGN §2): "none" keeps the
+# exact diagonal; "zero_unseen" sets it to 0 there (Adam/AdamW only).
+SAFEGUARDS = {"none": 0, "zero_unseen": 1}
+
+
+@dataclass
+class AdaptCall:
+    """One param group's share of an adapt() call, handed to a diagonal function."""
+    optimizer: torch.optim.Optimizer
+    group: dict
+    params: list[Tensor]
+    vectors: list[Tensor]     # d
+    grads: list[Tensor]       # the gradient the last step() consumed
+    out: list[Tensor]         # where v goes (may alias vectors)
+    states: list[dict]        # optimizer.state[p] for each param
+    safeguard: int
+
+    def state_list(self, key: str) -> list[Tensor]:
+        try:
+            return [s[key] for s in self.states]
+        except KeyError:
+            raise RuntimeError(
+                f"sama_ext.adapt: {type(self.optimizer).__name__} state has no {key!r} for a param; "
+                "has the optimiser stepped with these options?") from None
+
+
+DiagonalFn = Callable[[AdaptCall], Tensor]
+_REGISTRY: dict[type, DiagonalFn] = {}
+
+
+def register_diagonal(optimizer_cls: type, fn: DiagonalFn | None = None):
+    """Register the adaptation diagonal of an optimiser class (usable as a decorator).
+
+    `fn(call: AdaptCall) -> Tensor` must write v = du/dg ⊙ d into `call.out` for the group's
+    params and return Σv² as a float64 0-dim tensor on their device. The diagonal must be the
+    derivative of the real update w.r.t. the gradient (test it against torch.func)."""
+    def deco(f: DiagonalFn) -> DiagonalFn:
+        _REGISTRY[optimizer_cls] = f
+        return f
+    return deco(fn) if fn is not None else deco
+
+
+def _lookup(opt: torch.optim.Optimizer) -> DiagonalFn:
+    cls = type(opt)
+    if cls in _REGISTRY:
+        return _REGISTRY[cls]
+    for base in cls.__mro__[1:]:
+        # A subclass inherits its base's diagonal only if it keeps the base's update rule.
+        if base in _REGISTRY and cls.step is base.step:
+            return _REGISTRY[base]
+    names = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+    raise NotImplementedError(
+        f"sama_ext.adapt: no adaptation diagonal for {cls.__module__}.{cls.__name__} (built in: {names}). "
+        "Register one with sama_ext.register_diagonal(YourOptimizer, fn), or use method='sama_na'.")
+
+
+def _host_float(x, what: str) -> float:
+    """Hyperparameters that only enter per-tensor constants must be host values."""
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu":
+            raise NotImplementedError(f"sama_ext.adapt: {what} as a {x.device} tensor is not supported "
+                                      "(it would need a host sync); use a float or a CPU tensor")
+        return float(x)
+    return float(x)
+
+
+def _lr(group: dict):
+    lr = group["lr"]
+    return lr if isinstance(lr, Tensor) and lr.device.type != "cpu" else _host_float(lr, "lr")
+
+
+def _steps(call: AdaptCall) -> list:
+    """Per-param step counts: floats for CPU step tensors (no sync), device tensors as they are."""
+    steps = []
+    for s in call.state_list("step"):
+        if isinstance(s, Tensor) and s.device.type != "cpu":
+            steps.append(s)
+        else:
+            steps.append(float(s))
+    return steps
+
+
+# ----------------------------------------------------------------------------- built-ins
+@register_diagonal(torch.optim.Adam)
+def _adam(call: AdaptCall) -> Tensor:
+    g = call.group
+    decoupled = g.get("decoupled_weight_decay", isinstance(call.optimizer, torch.optim.AdamW))
+    wd = 0.0 if decoupled else float(g["weight_decay"])  # decoupled decay does not depend on g
+    beta1, beta2 = (_host_float(b, "betas") for b in g["betas"])
+    return ops.adam_adapt(
+        call.vectors, call.grads, call.state_list("exp_avg"), call.state_list("exp_avg_sq"),
+        call.state_list("max_exp_avg_sq") if g["amsgrad"] else [], call.params if wd else [], call.out,
+        lr=_lr(g), step=_steps(call), beta1=beta1, beta2=beta2, eps=float(g["eps"]), weight_decay=wd,
+        maximize=bool(g["maximize"]), safeguard=call.safeguard)
+
+
+register_diagonal(torch.optim.AdamW, _adam)
+
+# SGD's dampening changes the diagonal between the first momentum step (buffer = g) and the
+# rest, and its state keeps no step count: count steps ourselves, from import on.
+_sgd_steps: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+
+
+def _count_step(opt, args, kwargs) -> None:
+    if isinstance(opt, torch.optim.SGD):
+        _sgd_steps[opt] = _sgd_steps.get(opt, 0) + 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+@register_diagonal(torch.optim.SGD)
+def _sgd(call: AdaptCall) -> Tensor:
+    g = call.group
+    mu, tau, nesterov = float(g["momentum"]), float(g["dampening"]), bool(g["nesterov"])
+    if mu == 0:
+        k = 1.0
+    else:
+        if any(s.get("momentum_buffer") is None for s in call.states):
+            raise RuntimeError("sama_ext.adapt: SGD has no momentum buffer for a param; call optimizer.step() "
+                               "before adapting")
+        first = False
+        if tau != 0:
+            n = _sgd_steps.get(call.optimizer)
+            if n is None:
+                raise RuntimeError(
+                    "sama_ext.adapt: SGD with dampening≠0 needs to know whether its last step was its first "
+                    "(the momentum buffer starts as g, undamped); import sama_ext before the optimiser's first step()")
+            first = n == 1
+        damp = 1.0 if first else 1.0 - tau
+        k = 1.0 + mu * damp if nesterov else damp
+    sign = -1.0 if g["maximize"] else 1.0
+    return ops.const_adapt(call.vectors, call.out, lr=_lr(g), factor=sign * k)
+
+
+@register_diagonal(torch.optim.RMSprop)
+def _rmsprop(call: AdaptCall) -> Tensor:
+    g = call.group
+    wd = float(g["weight_decay"])
+    return ops.rmsprop_adapt(
+        call.vectors, call.grads, call.state_list("square_avg"),
+        call.state_list("grad_avg") if g["centered"] else [], call.params if wd else [], call.out,
+        lr=_lr(g), alpha=float(g["alpha"]), eps=float(g["eps"]), weight_decay=wd, maximize=bool(g["maximize"]))
+
+
+@register_diagonal(torch.optim.Adagrad)
+def _adagrad(call: AdaptCall) -> Tensor:
+    g = call.group
+    wd = float(g["weight_decay"])
+    return ops.adagrad_adapt(
+        call.vectors, call.grads, call.state_list("sum"), call.params if wd else [], call.out, lr=_lr(g),
+        step=_steps(call), lr_decay=float(g["lr_decay"]), eps=float(g["eps"]), weight_decay=wd,
+        maximize=bool(g["maximize"]))
+
+
+# ----------------------------------------------------------------------------- adapt()
+def _check_pair(what: str, i: int, p: Tensor, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sama_ext.adapt: {what}[{i}] is {type(x).__name__}, expected a Tensor")
+    if x.shape != p.shape or x.dtype != p.dtype or x.device != p.device:
+        raise ValueError(
+            f"sama_ext.adapt: {what}[{i}] is {tuple(x.shape)} {x.dtype} on {x.device}, but params[{i}] is "
+            f"{tuple(p.shape)} {p.dtype} on {p.device}; they must match")
+
+
+def adapt_sumsq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vectors: Sequence[Tensor],
+                grads: Sequence[Tensor] | None = None, out: Sequence[Tensor] | None = None,
+                safeguard: str = "none") -> tuple[list[Tensor], Tensor]:
+    """adapt() returning Σv² in float64 (meta_step derives ε from it)."""
+    params, vectors = list(params), list(vectors)
+    if len(params) != len(vectors):
+        raise ValueError(f"sama_ext.adapt: {len(params)} params but {len(vectors)} vectors")
+    if not params:
+        raise ValueError("sama_ext.adapt: no params given")
+    if safeguard not in SAFEGUARDS:
+        raise ValueError(f"sama_ext.adapt: safeguard must be one of {sorted(SAFEGUARDS)}, not {safeguard!r}")
+    if grads is None:
+        grads = [p.grad for p in params]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"sama_ext.adapt: params {missing[:5]} have no .grad; adapt needs the gradient the optimiser "
+                "consumed in its last step() (call it after optimizer.step() and before zero_grad(set_to_none=True), "
+                "or pass grads=)")
+    grads = list(grads)
+    if out is None:
+        out = [torch.empty_like(v, memory_format=torch.preserve_format) for v in vectors]
+    out = list(out)
+    if len(grads) != len(params) or len(out) != len(params):
+        raise ValueError(f"sama_ext.adapt: need one grad and one out per param ({len(params)}), got "
+                         f"{len(grads)} grads and {len(out)} outs")
+    for i, p in enumerate(params):
+        _check_pair("vectors", i, p, vectors[i])
+        _check_pair("grads", i, p, grads[i])
+        _check_pair("out", i, p, out[i])
+        if grads[i].is_sparse:
+            raise NotImplementedError(f"sama_ext.adapt: grads[{i}] is sparse; only dense gradients are supported")
+
+    where = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            where[id(p)] = gi
+    fn = _lookup(optimizer)
+    # One call per (param group, device); partial sums are added in a fixed order.
+    buckets: dict[tuple[int, torch.device], list[int]] = {}
+    for i, p in enumerate(params):
+        gi = where.get(id(p))
+        if gi is None:
+            raise ValueError(f"sama_ext.adapt: params[{i}] (shape {tuple(p.shape)}) is not managed by the given "
+                             f"{type(optimizer).__name__}")
+        if not optimizer.state.get(p):
+            raise RuntimeError(f"sama_ext.adapt: params[{i}] (shape {tuple(p.shape)}) has no optimiser state; call "
+                               "optimizer.step() at least once before adapting")
+        buckets.setdefault((gi, p.device), []).append(i)
+    total = None
+    with torch.no_grad():
+        for (gi, dev), idx in buckets.items():
+            call = AdaptCall(optimizer, optimizer.param_groups[gi], [params[i] for i in idx],
+                             [vectors[i] for i in idx], [grads[i] for i in idx], [out[i] for i in idx],
+                             [optimizer.state[params[i]] for i in idx], SAFEGUARDS[safeguard])
+            s = fn(call)
+            s = s.to(params[0].device) if s.device != params[0].device else s
+            total = s if total is None else total + s
+    return out, total
+
+
+def adapt(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vectors: Sequence[Tensor],
+          grads: Sequence[Tensor] | None = None, out: Sequence[Tensor] | None = None, *,
+          safeguard: str = "none") -> tuple[list[Tensor], Tensor]:
+    """v = diag(du/dg) ⊙ vectors for `optimizer`'s last step, and ‖v‖₂.
+
+    Returns (v, norm): v in new tensors unless `out` is given (out=vectors works in place), norm a
+    0-dim float32 tensor on the params' device. `grads` defaults to each param's .grad, which must
+    be the gradient the optimiser consumed in its last step(). No host-device synchronisation.
+    Coupled weight decay uses the current θ where the step used the previous one (an O(lr·wd)
+    relative difference; AdamW's decoupled decay is exact)."""
+    v, sumsq = adapt_sumsq(optimizer, params, vectors, grads, out, safeguard)
+    return v, sumsq.sqrt().float()

@@ -1,0 +1,161 @@
+"""Pure-PyTorch reference of every fused kernel: the oracle in tests, the baseline in
+benchmarks, and the `torch` backend (SAMA_EXT_BACKEND=torch).
+
+Written the way a user would write it — eager, per tensor, fp32 math over 16-bit storage —
+and kept independent of the C++ functors (same formulas, separate code). Signatures mirror
+`sama_ext.ops`; scalars may be Python floats or tensors (never read on the host).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt", "perturb_", "perturb_from_",
+           "perturb_save_", "combine_"]
+
+SAFEGUARDS = {"none": 0, "zero_unseen": 1}
+
+
+def _math(x: Tensor) -> Tensor:
+    return x.double() if x.dtype == torch.float64 else x.float()
+
+
+def _scalar(x, like: Tensor):
+    """A Python float stays one; a tensor moves to the math dtype/device (no host read)."""
+    if isinstance(x, Tensor):
+        return x.to(device=like.device, dtype=like.dtype)
+    return float(x)
+
+
+def _sumsq(vs: Sequence[Tensor], device) -> Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for v in vs:
+        total = total + v.double().square().sum()
+    return total
+
+
+def _finish(vs, out) -> Tensor:
+    for v, o in zip(vs, out):
+        o.copy_(v)
+    return _sumsq(vs, out[0].device)
+
+
+def _ge(g, theta, weight_decay, sign):
+    ge = sign * _math(g)
+    return ge if weight_decay == 0 else ge + weight_decay * _math(theta)
+
+
+def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr, step, beta1, beta2, eps,
+               weight_decay=0.0, maximize=False, safeguard=0) -> Tensor:
+    """v = s·du/dg_e·d for Adam/AdamW from the post-step state; returns Σv² (float64)."""
+    sign = -1.0 if maximize else 1.0
+    amsgrad = len(max_exp_avg_sq) > 0
+    steps = step if isinstance(step, (list, tuple)) else [step] * len(d)
+    vs = []
+    for i, di in enumerate(d):
+        dm = _math(di)
+        t = _scalar(steps[i], dm)
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        q = _math(exp_avg_sq[i])
+        qu = _math(max_exp_avg_sq[i]) if amsgrad else q
+        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
+        h = qu.sqrt() / (bc2 ** 0.5 if not isinstance(bc2, Tensor) else bc2.sqrt())
+        D = h + eps
+        curved = h > 0
+        if amsgrad:
+            curved = curved & (q == qu)
+        safe_h = torch.where(curved, h, torch.ones_like(h))
+        second = torch.where(curved, (_math(exp_avg[i]) / bc1 / D) * ((1 - beta2) / bc2 * ge / safe_h / D),
+                             torch.zeros_like(h))
+        diag = _scalar(lr, dm) * ((1 - beta1) / bc1 / D - second)
+        if safeguard == SAFEGUARDS["zero_unseen"]:
+            diag = torch.where(qu == 0, torch.zeros_like(diag), diag)
+        vs.append(sign * diag * dm)
+    return _finish(vs, out)
+
+
+def const_adapt(d, out, *, lr, factor) -> Tensor:
+    """v = lr·factor·d (SGD's diagonal is a constant)."""
+    vs = [_scalar(lr, _math(di)) * factor * _math(di) for di in d]
+    return _finish(vs, out)
+
+
+def rmsprop_adapt(d, grads, square_avg, grad_avg, params, out, *, lr, alpha, eps, weight_decay=0.0,
+                  maximize=False) -> Tensor:
+    sign = -1.0 if maximize else 1.0
+    centered = len(grad_avg) > 0
+    vs = []
+    for i, di in enumerate(d):
+        dm = _math(di)
+        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
+        S = _math(square_avg[i])
+        G = _math(grad_avg[i]) if centered else torch.zeros_like(S)
+        R = (S - G * G).sqrt() if centered else S.sqrt()
+        D = R + eps
+        safe_R = torch.where(R > 0, R, torch.ones_like(R))
+        second = torch.where(R > 0, (ge / D) * ((1 - alpha) * (ge - G) / safe_R / D), torch.zeros_like(R))
+        vs.append(sign * _scalar(lr, dm) * (1 / D - second) * dm)
+    return _finish(vs, out)
+
+
+def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, weight_decay=0.0,
+                  maximize=False) -> Tensor:
+    sign = -1.0 if maximize else 1.0
+    steps = step if isinstance(step, (list, tuple)) else [step] * len(d)
+    vs = []
+    for i, di in enumerate(d):
+        dm = _math(di)
+        t = _scalar(steps[i], dm)
+        clr = _scalar(lr, dm) / (1 + (t - 1) * lr_decay)
+        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
+        R = _math(state_sum[i]).sqrt()
+        D = R + eps
+        safe_R = torch.where(R > 0, R, torch.ones_like(R))
+        second = torch.where(R > 0, (ge / D) * (ge / safe_R / D), torch.zeros_like(R))
+        vs.append(sign * clr * (1 / D - second) * dm)
+    return _finish(vs, out)
+
+
+def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
+    xm = _math(x)
+    s = _scalar(scale, xm)
+    y = xm + s * _math(v)
+    if isinstance(s, Tensor):  # zero scale leaves x as it is, even where v is not finite
+        return torch.where(s == 0, xm, y)
+    return xm if s == 0 else y
+
+
+def perturb_(params, vectors, scale) -> None:
+    """θ += scale·v (scale == 0: θ untouched)."""
+    with torch.no_grad():
+        for p, v in zip(params, vectors):
+            p.copy_(_axpy(p, v, scale))
+
+
+def perturb_from_(params, sources, vectors, scale) -> None:
+    """θ = source + scale·v."""
+    with torch.no_grad():
+        for p, s, v in zip(params, sources, vectors):
+            p.copy_(_axpy(s, v, scale))
+
+
+def perturb_save_(params, vectors, backups, scale) -> None:
+    """backup = θ; θ += scale·v."""
+    with torch.no_grad():
+        for p, v, b in zip(params, vectors, backups):
+            b.copy_(p)
+            p.copy_(_axpy(b, v, scale))
+
+
+def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: bool = False) -> None:
+    """out (+)= scale·(g⁻ − g⁺)/(2ε); ε zero or non-finite contributes nothing."""
+    with torch.no_grad():
+        for o, gm, gp in zip(out, g_minus, g_plus):
+            m = _math(gm)
+            e = eps.to(device=m.device, dtype=torch.float64)
+            ok = (e != 0) & torch.isfinite(e)
+            c = torch.where(ok, scale / (2 * e), torch.zeros_like(e)).to(m.dtype)
+            delta = torch.where(ok, c * (m - _math(gp)), torch.zeros_like(m))
+            o.copy_(_math(o) + delta if accumulate else delta)
