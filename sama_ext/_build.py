@@ -59,6 +59,10 @@ def _toolkit_version(root: Path) -> str | None:
     return m.group(1) if m else None
 
 
+def _system_toolkits() -> list[Path]:
+    return [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True), Path("/opt/cuda")]
+
+
 def find_cuda_home(torch_cuda: str | None = None) -> tuple[Path | None, str]:
     """(toolkit root or None, how it was found / why none was).
 
@@ -79,9 +83,7 @@ def find_cuda_home(torch_cuda: str | None = None) -> tuple[Path | None, str]:
     nvcc = shutil.which("nvcc")
     if nvcc:
         cands.append(Path(nvcc).resolve().parent.parent)
-    cands.append(Path("/usr/local/cuda"))
-    cands += sorted(Path("/usr/local").glob("cuda-*"), reverse=True)
-    cands.append(Path("/opt/cuda"))
+    cands += _system_toolkits()
     seen, valid = set(), []
     for c in cands:
         key = str(c.resolve()) if c.exists() else str(c)
@@ -158,8 +160,9 @@ def build_config(torch, aot: bool = False) -> BuildConfig:
 def _fingerprint(torch, cfg: BuildConfig, src: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(src.rglob("*")):
-        if f.is_file() and f.suffix in (".h", ".cuh", ".cpp", ".cu"):
-            h.update(str(f.relative_to(src)).encode())
+        rel = f.relative_to(src)
+        if f.is_file() and f.suffix in (".h", ".cuh", ".cpp", ".cu") and rel.parts[0] != "tests":
+            h.update(str(rel).encode())
             h.update(f.read_bytes())
     for part in (torch.__version__, str(torch.version.cuda), sys.version, _cpu_tag(), str(cfg.with_cuda),
                  str(cfg.cuda_home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""), " ".join(cfg.cflags),

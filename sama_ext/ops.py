@@ -26,7 +26,7 @@ def _split(x, device) -> tuple[float, Tensor | None]:
     """(host factor, optional device tensor) for a float-or-tensor scalar."""
     if isinstance(x, Tensor):
         if x.numel() != 1:
-            raise ValueError(f"expected a scalar tensor, got shape {tuple(x.shape)}")
+            raise ValueError(f"sama_ext: a scalar must be a float or a one-element tensor, got shape {tuple(x.shape)}")
         return 1.0, x.to(device) if x.device != device else x
     return float(x), None
 
@@ -48,7 +48,7 @@ def _device(tensors: Sequence[Tensor]) -> torch.device:
     if len(tensors) == 0:
         raise ValueError("sama_ext: empty tensor list")
     dev = tensors[0].device
-    check_device(dev) if _compiled() else None
+    check_device(dev)
     return dev
 
 

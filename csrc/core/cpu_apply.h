@@ -49,8 +49,8 @@ double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Li
     for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
     if (Op::kLoadsOut)
       for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(out[k][i]);
-    const A r = op.apply(ctx, x, y);
-    if (Op::kReduces) acc += double(r);
+    const double r = double(op.apply(ctx, x, y));
+    if (Op::kReduces) acc += r * r;  // squared in double: ‖v‖² without fp32 rounding of v²
     for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
   }
   return acc;

@@ -6,7 +6,7 @@
 //                      launcher (a host value, optionally times a device value: lr tensors,
 //                      per-tensor Adam steps, ε);
 //   apply(ctx, x, y)   reads x[kIn], writes y[kOut] (pre-loaded when kLoadsOut) and returns
-//                      the value summed over all elements when kReduces (Σv² for adapt).
+//                      v, whose square is summed (in double) over all elements when kReduces.
 // Math runs in A = float for fp32/bf16/fp16 storage and double for fp64 storage.
 #pragma once
 
@@ -66,7 +66,7 @@ struct AdamDiag {
     if (safeguard == kSafeguardZeroUnseen && q_used == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
     y[0] = v;
-    return v * v;
+    return v;
   }
 };
 
@@ -82,7 +82,7 @@ struct ConstDiag {
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
     const A v = c.c * x[0];
     y[0] = v;
-    return v * v;
+    return v;
   }
 };
 
@@ -111,7 +111,7 @@ struct RmspropDiag {
     const A second = R > A(0) ? (ge / D) * (c.one_m_alpha * (ge - G) / R / D) : A(0);
     const A v = c.sign * c.lr * (A(1) / D - second) * d;
     y[0] = v;
-    return v * v;
+    return v;
   }
 };
 
@@ -139,7 +139,7 @@ struct AdagradDiag {
     const A second = R > A(0) ? (ge / D) * (ge / R / D) : A(0);
     const A v = c.sign * c.clr * (A(1) / D - second) * d;
     y[0] = v;
-    return v * v;
+    return v;
   }
 };
 
@@ -188,7 +188,8 @@ struct Combine {
   }
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
     const A base = kAccumulate ? y[0] : A(0);
-    y[0] = c.skip ? base : fused_mul_add(c.c, x[0] - x[1], base);
+    const A diff = x[0] - x[1];
+    y[0] = c.skip ? base : (kAccumulate ? fused_mul_add(c.c, diff, base) : c.c * diff);
     return A(0);
   }
 };

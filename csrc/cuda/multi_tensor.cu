@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(kCudaThreads)
 #pragma unroll
       for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(out[k][i]);
     }
-    const A r = op.apply(ctx, x, y);
-    if (Op::kReduces) acc += double(r);
+    const double r = double(op.apply(ctx, x, y));
+    if (Op::kReduces) acc += r * r;
 #pragma unroll
     for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
   };
@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(kCudaThreads)
 #pragma unroll
           for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(yout[k].v[j]);
         }
-        const A r = op.apply(ctx, x, y);
-        if (Op::kReduces) acc += double(r);
+        const double r = double(op.apply(ctx, x, y));
+        if (Op::kReduces) acc += r * r;
 #pragma unroll
         for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = from_math<Tout>(y[k]);
       }
