@@ -8,7 +8,11 @@ from __future__ import annotations
 from ._backend import backend
 from ._build import BuildError
 from .adaptation import SAFEGUARDS, AdaptCall, adapt, register_diagonal
+from .frozen import frozen
+from .meta_step import METHODS, MetaStepInfo, meta_step
 from .ops import perturb_
+from . import distributed  # noqa: E402  (public namespace: sama_ext.distributed.register_comm_hook)
 
-__all__ = ["adapt", "perturb_", "backend", "register_diagonal", "AdaptCall", "SAFEGUARDS", "BuildError"]
+__all__ = ["meta_step", "MetaStepInfo", "METHODS", "frozen", "adapt", "perturb_", "backend", "register_diagonal",
+           "AdaptCall", "SAFEGUARDS", "BuildError", "distributed"]
 __version__ = "0.1.0"

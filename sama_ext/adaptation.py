@@ -37,12 +37,16 @@ class AdaptCall:
     safeguard: int
 
     def state_list(self, key: str) -> list[Tensor]:
-        try:
-            return [s[key] for s in self.states]
-        except KeyError:
-            raise RuntimeError(
-                f"sama_ext.adapt: {type(self.optimizer).__name__} state has no {key!r} for a param; "
-                "has the optimiser stepped with these options?") from None
+        """The state entry `key` of every param, with a clear error where it is missing."""
+        out = []
+        for p, s in zip(self.params, self.states):
+            if key not in s or s[key] is None:
+                what = "has no optimiser state" if not s else f"has no {key!r} in its optimiser state"
+                raise RuntimeError(
+                    f"sama_ext.adapt: a param of shape {tuple(p.shape)} {what}; call "
+                    f"{type(self.optimizer).__name__}.step() (with these options) before adapting")
+            out.append(s[key])
+        return out
 
 
 DiagonalFn = Callable[[AdaptCall], Tensor]
@@ -137,9 +141,7 @@ def _sgd(call: AdaptCall) -> Tensor:
     if mu == 0:
         k = 1.0
     else:
-        if any(s.get("momentum_buffer") is None for s in call.states):
-            raise RuntimeError("sama_ext.adapt: SGD has no momentum buffer for a param; call optimizer.step() "
-                               "before adapting")
+        call.state_list("momentum_buffer")  # raises if the optimiser has not stepped
         first = False
         if tau != 0:
             n = _sgd_steps.get(call.optimizer)
@@ -229,16 +231,13 @@ def adapt_sumsq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vect
         if gi is None:
             raise ValueError(f"sama_ext.adapt: params[{i}] (shape {tuple(p.shape)}) is not managed by the given "
                              f"{type(optimizer).__name__}")
-        if not optimizer.state.get(p):
-            raise RuntimeError(f"sama_ext.adapt: params[{i}] (shape {tuple(p.shape)}) has no optimiser state; call "
-                               "optimizer.step() at least once before adapting")
         buckets.setdefault((gi, p.device), []).append(i)
     total = None
     with torch.no_grad():
         for (gi, dev), idx in buckets.items():
             call = AdaptCall(optimizer, optimizer.param_groups[gi], [params[i] for i in idx],
                              [vectors[i] for i in idx], [grads[i] for i in idx], [out[i] for i in idx],
-                             [optimizer.state[params[i]] for i in idx], SAFEGUARDS[safeguard])
+                             [optimizer.state.get(params[i], {}) for i in idx], SAFEGUARDS[safeguard])
             s = fn(call)
             s = s.to(params[0].device) if s.device != params[0].device else s
             total = s if total is None else total + s
