@@ -1,18 +1,197 @@
-"""Distributed SAMA (DDP communication hooks): not implemented yet — see the distributed issue.
+"""Distributed SAMA on PyTorch's own DDP (DESIGN §5).
 
-`meta_step(..., base_module=..., meta_module=...)` refuses DDP modules with a clear error until
-then, rather than running a silently unsynchronised meta step.
+Passes 1 and 2 of a meta step run locally on every rank, inside `no_sync()` so neither
+reducer is armed. Pass 3 (the loss at θ−εv) is an ordinary backward through the DDP-wrapped
+meta module: as each gradient bucket becomes ready, the hook registered here fuses the
+central difference, 1/world_size and optional bf16/fp16 compression into one kernel
+(`combine_`) and starts that bucket's all-reduce at once — overlapping communication with
+the rest of the backward. One all-reduce per bucket per meta step; λ.grad ends up as the
+average over ranks of each rank's meta-gradient plus whatever λ.grad held before.
+
+Outside a meta step the hook is a plain averaging all-reduce (with the same compression), so
+the meta module also trains normally.
 """
 from __future__ import annotations
 
-__all__ = ["register_comm_hook", "check_modules"]
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import ops
+
+__all__ = ["register_comm_hook", "SamaCommState", "check_modules"]
+
+_COMPRESSION = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def register_comm_hook(ddp_meta_module, compression=None):
-    raise NotImplementedError("sama_ext.distributed.register_comm_hook is not implemented yet")
+@dataclass
+class SamaCommState:
+    """What the hook needs during pass 3 of a meta step (set by meta_step, cleared after)."""
+    process_group: object = None
+    compression: torch.dtype | None = None
+    g_plus: dict = field(default_factory=dict)   # id(param) -> ∂L_base(θ⁺)/∂λ (None: no gradient)
+    prior: dict = field(default_factory=dict)    # id(param) -> λ.grad before pass 3 (averaged too)
+    eps: Tensor | None = None                     # armed when set
+    allreduces: int = 0                           # all-reduces started (counted for tests/benchmarks)
+    bytes_sent: int = 0
+    events: list = field(default_factory=list)    # (bucket index, time.perf_counter()) when recording
+
+    @property
+    def armed(self) -> bool:
+        return self.eps is not None
+
+    record_times: bool = False
+
+
+def _world(state: SamaCommState) -> int:
+    return dist.get_world_size(state.process_group)
+
+
+def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
+    buf = bucket.buffer()
+    wire_dtype = state.compression or buf.dtype
+    world = _world(state)
+    if state.record_times:
+        import time
+
+        state.events.append((bucket.index(), time.perf_counter()))
+    if state.armed:
+        out = torch.empty(buf.numel(), dtype=wire_dtype, device=buf.device)
+        params = bucket.parameters()
+        grads = bucket.gradients()
+        views = _views(out, grads)
+        zeros = {}
+        g_plus = []
+        for p, g in zip(params, grads):
+            gp = state.g_plus.get(id(p))
+            g_plus.append(gp if gp is not None else zeros.setdefault(g.dtype, torch.zeros_like(g)))
+        prior = [state.prior.get(id(p)) for p in params]
+        accumulate = any(x is not None for x in prior)
+        if accumulate:  # start from λ.grad's old value / world (combine adds the difference in place)
+            for vw, pr in zip(views, prior):
+                if pr is None:
+                    vw.zero_()
+                else:
+                    vw.copy_(pr.reshape(vw.shape) / world)
+        ops.combine_(views, grads, g_plus, state.eps, 1.0 / world, accumulate)
+    else:
+        out = buf.div(world) if wire_dtype == buf.dtype else buf.to(wire_dtype).div_(world)
+    state.allreduces += 1
+    state.bytes_sent += out.numel() * out.element_size()
+    fut = dist.all_reduce(out, group=state.process_group, async_op=True).get_future()
+
+    def finish(f):
+        res = f.value()[0]
+        if res.dtype != buf.dtype:
+            buf.copy_(res)
+            return buf
+        return res
+
+    return fut.then(finish)
+
+
+# DDP checks the hook's annotations as objects (this module's are strings, from __future__).
+_sama_hook.__annotations__ = {"state": SamaCommState, "bucket": dist.GradBucket,
+                              "return": torch.futures.Future[torch.Tensor]}
+
+
+def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, off = [], 0
+    for g in like:
+        n = g.numel()
+        out.append(flat[off:off + n].view(g.shape))
+        off += n
+    return out
+
+
+def register_comm_hook(ddp_meta_module: DDP, compression: str | None = None,
+                       process_group=None) -> SamaCommState:
+    """Register SAMA's communication hook on a DDP-wrapped meta module (once, before training).
+
+    compression: None (communicate in the gradients' dtype), "bf16" or "fp16" (the combined
+    meta-gradient is rounded once to 16 bits for the all-reduce, then widened back).
+    Returns the hook's state (its counters say how many all-reduces and bytes were sent)."""
+    if not isinstance(ddp_meta_module, DDP):
+        raise TypeError(f"sama_ext.distributed.register_comm_hook: expected a DistributedDataParallel module, got "
+                        f"{type(ddp_meta_module).__name__}")
+    if compression not in _COMPRESSION:
+        raise ValueError(f"sama_ext.distributed.register_comm_hook: compression must be None, 'bf16' or 'fp16', not "
+                         f"{compression!r}")
+    if getattr(ddp_meta_module, "_sama_state", None) is not None:
+        raise RuntimeError("sama_ext.distributed.register_comm_hook: this module already has SAMA's hook")
+    state = SamaCommState(process_group=process_group if process_group is not None else ddp_meta_module.process_group,
+                          compression=_COMPRESSION[compression])
+    ddp_meta_module.register_comm_hook(state, _sama_hook)
+    ddp_meta_module._sama_state = state
+    return state
 
 
 def check_modules(base_module, meta_module) -> None:
-    raise NotImplementedError(
-        "sama_ext.meta_step: distributed meta steps (base_module=/meta_module=) are not implemented yet; "
-        "run meta_step on a single process for now")
+    """Refuse setups that would silently break synchronisation (DESIGN §5 hazards)."""
+    for name, m in (("base_module", base_module), ("meta_module", meta_module)):
+        if m is not None and not isinstance(m, DDP):
+            raise TypeError(f"sama_ext.meta_step: {name} must be a DistributedDataParallel module (or None), got "
+                            f"{type(m).__name__}")
+        if m is not None and getattr(m, "static_graph", False):
+            raise ValueError(
+                f"sama_ext.meta_step: {name} was built with static_graph=True; DDP's static graph stops syncing "
+                "after the meta step's autograd.grad passes (silently). Wrap it with static_graph=False.")
+    if meta_module is not None and getattr(meta_module, "_sama_state", None) is None:
+        raise RuntimeError("sama_ext.meta_step: call sama_ext.distributed.register_comm_hook(meta_module) once after "
+                           "wrapping it in DDP; without it the meta-gradient would not be combined and averaged")
+
+
+def check_coverage(meta_module: DDP, lam: list[Tensor]) -> None:
+    """Pass 3 is backward(inputs=λ): λ must be exactly the DDP module's trainable params,
+    or its reducer would wait for gradients that never come."""
+    mine = {id(p) for p in meta_module.parameters() if p.requires_grad}
+    given = {id(q) for q in lam}
+    if mine != given:
+        raise ValueError(
+            f"sama_ext.meta_step: meta_params must be exactly meta_module's trainable parameters "
+            f"({len(mine)}), got {len(given)} tensors of which {len(given & mine)} belong to it")
+
+
+@contextmanager
+def local_passes(base_module, meta_module):
+    """Passes without communication: neither reducer is armed."""
+    with ExitStack() as stack:
+        for m in (base_module, meta_module):
+            if m is not None:
+                stack.enter_context(m.no_sync())
+        yield
+
+
+@contextmanager
+def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Tensor], eps: Tensor):
+    """Pass 3: arm the hook with g⁺, ε and λ.grad's prior values; λ.grad is emptied so that
+    DDP's buckets hold g⁻ alone, and receives the averaged result."""
+    state: SamaCommState = meta_module._sama_state
+    state.g_plus = {id(q): g for q, g in zip(lam, g_plus)}
+    state.prior = {id(q): q.grad for q in lam if q.grad is not None}
+    for q in lam:
+        q.grad = None
+    state.eps = eps
+    try:
+        with (base_module.no_sync() if base_module is not None else nullcontext()):
+            yield
+    except BaseException:
+        for q in lam:  # give λ.grad its old value back
+            q.grad = state.prior.get(id(q))
+        raise
+    finally:
+        state.eps = None
+        state.g_plus = {}
+        state.prior = {}
+
+
+def sync_params(params: list[Tensor], process_group=None) -> None:
+    """Make params bit-identical on all ranks: rank 0's values are broadcast."""
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p, src=dist.get_global_rank(process_group, 0) if process_group else 0,
+                           group=process_group)

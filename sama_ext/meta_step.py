@@ -13,6 +13,7 @@ of θ for the exact restore, plus two λ-sized gradients. No host-device synchro
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -99,7 +100,11 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     method: "sama" (the optimiser's exact adaptation diagonal), "sama_na" (no adaptation, v = d),
     "neumann" / "cg" (implicit-differentiation baselines with `iterations` Hessian-vector
     products; Neumann's step size `neumann_lr` defaults to the base optimiser's lr).
-    base_update: "restore" (θ bit-identical afterwards) or "descend" (θ ← θ − εv, one rounding).
+    base_update: "restore" (θ bit-identical afterwards) or "descend" (θ ← θ − εv, one rounding;
+    under DDP each rank's v differs, so rank 0's result is broadcast to keep ranks identical).
+    base_module / meta_module: the DDP wrappers when distributed (see sama_ext.distributed);
+    the meta module needs `sama_ext.distributed.register_comm_hook` once, and meta_params must be
+    exactly its trainable parameters.
     safeguard: Adam/AdamW only — "none" (exact diagonal) or "zero_unseen" (see `sama_ext.adapt`).
     """
     if method not in METHODS:
@@ -108,12 +113,17 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         raise ValueError(f"sama_ext.meta_step: base_update must be 'restore' or 'descend', not {base_update!r}")
     if not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"sama_ext.meta_step: alpha must be a positive float, got {alpha!r}")
-    if base_module is not None or meta_module is not None:
-        from .distributed import check_modules
+    distributed = base_module is not None or meta_module is not None
+    if distributed:
+        from . import distributed as ddp
 
-        check_modules(base_module, meta_module)
+        ddp.check_modules(base_module, meta_module)
     theta = _trainable(base_params, "base_params")
     lam = _trainable(meta_params, "meta_params")
+    if meta_module is not None:
+        ddp.check_coverage(meta_module, lam)
+        if method not in ("sama", "sama_na"):
+            raise NotImplementedError(f"sama_ext.meta_step: method={method!r} is single-process only")
     if {id(p) for p in theta} & {id(q) for q in lam}:
         raise ValueError("sama_ext.meta_step: base_params and meta_params overlap")
     managed = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
@@ -138,8 +148,11 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         return implicit_meta_step(theta, base_optimizer, lam, base_loss, meta_loss, method=method,
                                   iterations=iterations, neumann_lr=neumann_lr)
 
+    def local():  # passes that must not communicate (no DDP reducer armed)
+        return ddp.local_passes(base_module, meta_module) if distributed else nullcontext()
+
     # 1. meta gradient at θ (and λ's direct gradient, if L_meta depends on λ)
-    with torch.enable_grad():
+    with torch.enable_grad(), local():
         lm = _scalar_loss(meta_loss(), "meta_loss")
         grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
     d = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(theta)], theta)]
@@ -164,11 +177,25 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         with recording() as rec:
             ops.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
             saved = True
-            g_plus = _meta_grads(base_loss, lam)
+            with local():
+                g_plus = _meta_grads(base_loss, lam)
             rec.replay()
             _set_rng_states(rng)  # same dropout masks etc. at θ⁻ as at θ⁺
             ops.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
-            g_minus = _meta_grads(base_loss, lam)
+            if meta_module is None:
+                with local():
+                    g_minus = _meta_grads(base_loss, lam)
+            else:
+                # λ's direct gradient joins λ.grad first, so that it is averaged over ranks too.
+                for q, g in zip(lam, direct):
+                    if g is not None:
+                        _accumulate(q, g)
+                direct = [None] * len(lam)
+                # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
+                # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
+                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
+                    with torch.enable_grad():
+                        _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
             rec.check_consumed()
     except BaseException:
         if saved:
@@ -178,7 +205,12 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     if base_update == "restore":
         with torch.no_grad():
             torch._foreach_copy_(theta, backup)
+    elif distributed:
+        # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
+        ddp.sync_params(theta, (base_module or meta_module).process_group)
     # "descend": θ is already θ − εv (θ itself when the step was skipped)
+    if meta_module is not None:
+        return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
 
     for q, g in zip(lam, direct):
         if g is not None:

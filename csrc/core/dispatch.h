@@ -80,10 +80,12 @@ template <typename Op, typename Fn> void with_types(DType in, DType out, Fn&& fn
   } else if constexpr (MixedOutput<Op>::value) {
     if (in == DType::f32 && out == DType::bf16) return fn(TypeTag<float>{}, TypeTag<bf16>{});
     if (in == DType::f32 && out == DType::f16) return fn(TypeTag<float>{}, TypeTag<fp16>{});
+    if (in == DType::f64 && out == DType::bf16) return fn(TypeTag<double>{}, TypeTag<bf16>{});
+    if (in == DType::f64 && out == DType::f16) return fn(TypeTag<double>{}, TypeTag<fp16>{});
   }
   throw std::invalid_argument(std::string("sama_ext: unsupported dtype combination: inputs ") + dtype_name(in) +
                               ", outputs " + dtype_name(out) +
-                              " (outputs must match inputs; combine may also write float32 into bfloat16/float16)");
+                              " (outputs must match inputs; combine may also write float32/float64 into bfloat16/float16)");
 }
 
 }  // namespace sama
