@@ -88,7 +88,7 @@ def _set_rng_states(states) -> None:
 def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimizer, meta_params: Sequence[Tensor],
               base_loss: Callable[[], Tensor], meta_loss: Callable[[], Tensor], *, alpha: float = 1.0,
               method: str = "sama", last_grads: Sequence[Tensor] | None = None, base_update: str = "restore",
-              base_module=None, meta_module=None, safeguard: str = "none", iterations: int = 5,
+              base_module=None, meta_module=None, safeguard: str = "zero_unseen", iterations: int = 5,
               neumann_lr: float | None = None) -> MetaStepInfo:
     """Accumulate an estimate of dL_meta/dλ into `meta_params`' `.grad` (like `backward()`).
 
@@ -105,7 +105,11 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     base_module / meta_module: the DDP wrappers when distributed (see sama_ext.distributed);
     the meta module needs `sama_ext.distributed.register_comm_hook` once, and meta_params must be
     exactly its trainable parameters.
-    safeguard: Adam/AdamW only — "none" (exact diagonal) or "zero_unseen" (see `sama_ext.adapt`).
+    safeguard: Adam/AdamW only — "zero_unseen" (default: the diagonal is 0 where the second moment
+    is exactly 0) or "none" (the exact diagonal everywhere). Such never-seen coordinates have a
+    huge exact diagonal but, as long as their input is still 0 in the base batch, no effect on the
+    meta-gradient; they only inflate ‖v‖, shrinking ε for every other coordinate until float32
+    cancellation ruins g⁻ − g⁺ (measured: docs/safeguard.md).
     """
     if method not in METHODS:
         raise ValueError(f"sama_ext.meta_step: unknown method {method!r}; choose one of {', '.join(METHODS)}")
