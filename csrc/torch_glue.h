@@ -92,9 +92,12 @@ inline CheckedCall check_call(const char* op, const std::vector<NamedList>& ins,
                   " but '", ins[0].name, "'[0] is on ", c.device, "; move all tensors to one device");
       TORCH_CHECK(x.sizes().equals(ref.sizes()), "sama_ext.", op, ": '", l.name, "'[", t, "] has shape ",
                   x.sizes(), " but '", ins[0].name, "'[", t, "] has shape ", ref.sizes());
-      TORCH_CHECK(x.is_non_overlapping_and_dense() && x.strides().equals(ref.strides()), "sama_ext.", op, ": '",
-                  l.name, "'[", t, "] must be dense with the same strides as '", ins[0].name, "'[", t,
-                  "] (got strides ", x.strides(), " vs ", ref.strides(), "); call .contiguous() on both");
+      TORCH_CHECK(x.is_non_overlapping_and_dense(), "sama_ext.", op, ": '", l.name, "'[", t,
+                  "] must be dense and non-overlapping (got shape ", x.sizes(), ", strides ", x.strides(),
+                  "); call .contiguous() on it");
+      TORCH_CHECK(x.strides().equals(ref.strides()), "sama_ext.", op, ": '", l.name, "'[", t,
+                  "] must have the same strides as '", ins[0].name, "'[", t, "] (got ", x.strides(), " vs ",
+                  ref.strides(), "); call .contiguous() on both");
       TORCH_CHECK(!x.is_sparse() && x.layout() == at::kStrided, "sama_ext.", op, ": '", l.name, "'[", t,
                   "] must be a strided (dense) tensor");
     };

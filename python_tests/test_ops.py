@@ -274,7 +274,7 @@ def test_dense_non_contiguous_layout_is_handled(device):
 
 def test_mismatched_inputs_raise_clear_errors():
     a, b = torch.randn(4, 3), torch.randn(3, 4)
-    with pytest.raises(RuntimeError, match="must be dense with the same strides"):
+    with pytest.raises(RuntimeError, match="must have the same strides"):
         ops.perturb_([a], [b.t()], 1.0)
     with pytest.raises(RuntimeError, match="has shape"):
         ops.perturb_([a], [b], 1.0)
@@ -284,8 +284,10 @@ def test_mismatched_inputs_raise_clear_errors():
         ops.perturb_([a], [a.double()], 1.0)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         ops.perturb_([a.int()], [a.int()], 1.0)
-    with pytest.raises(RuntimeError, match="must be dense"):
+    with pytest.raises(RuntimeError, match="must be dense and non-overlapping"):
         ops.perturb_([a[:, ::2]], [a[:, ::2]], 1.0)
+    with pytest.raises(RuntimeError, match="must be dense and non-overlapping"):
+        ops.perturb_([torch.ones(1).expand(4)], [torch.ones(4)], 1.0)
     with pytest.raises(ValueError, match="one-element tensor"):
         ops.perturb_([a], [a], torch.ones(2, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="must have one element"):

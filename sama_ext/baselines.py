@@ -16,6 +16,17 @@ from torch import Tensor
 __all__ = ["implicit_meta_step"]
 
 
+def _double_backward_attention():
+    """Fused attention kernels have no double backward: use the math path for the baselines."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch
+        from contextlib import nullcontext
+
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
@@ -33,7 +44,7 @@ def implicit_meta_step(theta: list[Tensor], optimizer, lam: list[Tensor], base_l
             eta = float(eta)  # a hyperparameter of the baseline: read once, on purpose
         if not eta > 0:
             raise ValueError(f"sama_ext.meta_step: neumann_lr must be positive, got {eta!r}")
-    with torch.enable_grad():
+    with torch.enable_grad(), _double_backward_attention():
         lm = _scalar_loss(meta_loss(), "meta_loss")
         grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
         d = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(theta)], theta)]

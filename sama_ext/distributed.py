@@ -68,7 +68,7 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
         g_plus = []
         for p, g in zip(params, grads):
             gp = state.g_plus.get(id(p))
-            g_plus.append(gp if gp is not None else zeros.setdefault(g.dtype, torch.zeros_like(g)))
+            g_plus.append(_flat_like(gp, g) if gp is not None else zeros.setdefault(g.dtype, torch.zeros_like(g)))
         prior = [state.prior.get(id(p)) for p in params]
         accumulate = any(x is not None for x in prior)
         if accumulate:  # start from λ.grad's old value / world (combine adds the difference in place)
@@ -97,6 +97,13 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
 # DDP checks the hook's annotations as objects (this module's are strings, from __future__).
 _sama_hook.__annotations__ = {"state": SamaCommState, "bucket": dist.GradBucket,
                               "return": torch.futures.Future[torch.Tensor]}
+
+
+def _flat_like(g: Tensor, bucket_view: Tensor) -> Tensor:
+    """g⁺ in the bucket view's (contiguous) layout, as the fused combine needs."""
+    if g.stride() == bucket_view.stride():
+        return g
+    return torch.empty_like(bucket_view).copy_(g)
 
 
 def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:

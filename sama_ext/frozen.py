@@ -39,30 +39,33 @@ class _Recorder:
             return v
         if self.pos >= len(self.values):
             raise RuntimeError(
-                f"sama_ext.frozen: base_loss called frozen() more often at θ−εv than at θ+εv "
+                f"sama_ext.frozen: base_loss called frozen() more often than when the values were recorded "
                 f"({self.pos + 1} > {len(self.values)}); the closure must make the same frozen() calls each time")
         v = self.values[self.pos]
         if v.shape != x.shape or v.dtype != x.dtype or v.device != x.device:
             raise RuntimeError(
-                f"sama_ext.frozen: call #{self.pos + 1} got {tuple(x.shape)} {x.dtype} at θ−εv but "
-                f"{tuple(v.shape)} {v.dtype} at θ+εv; the closure must make the same frozen() calls each time")
+                f"sama_ext.frozen: call #{self.pos + 1} got {tuple(x.shape)} {x.dtype}, but "
+                f"{tuple(v.shape)} {v.dtype} when recorded; the closure must make the same frozen() calls each time")
         self.pos += 1
         return v
 
     def replay(self) -> None:
+        """Switch from recording to replaying (or rewind for the next evaluation), after checking
+        that the evaluation just finished consumed every recorded value."""
+        self.check_consumed()
         self.replaying = True
         self.pos = 0
 
     def check_consumed(self) -> None:
         if self.replaying and self.pos != len(self.values):
             raise RuntimeError(
-                f"sama_ext.frozen: base_loss called frozen() {len(self.values)} times at θ+εv but {self.pos} at "
-                "θ−εv; the closure must make the same frozen() calls each time")
+                f"sama_ext.frozen: base_loss called frozen() {len(self.values)} times when recording but "
+                f"{self.pos} in a later evaluation; the closure must make the same frozen() calls each time")
 
 
 @contextmanager
 def recording():
-    """Active during a meta step's two perturbed evaluations (record, then replay)."""
+    """Active during a meta step's evaluations of base_loss (record, then replay)."""
     prev = getattr(_state, "recorder", None)
     rec = _Recorder()
     _state.recorder = rec

@@ -119,12 +119,17 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
 
 
 def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
+    """x + scale·v rounded once to x's dtype (as the fused kernel's fma): the scale is taken in the
+    math dtype, the product and sum in float64 (exact for float32 operands up to one final rounding)."""
     xm = _math(x)
     s = _scalar(scale, xm)
-    y = xm + s * _math(v)
-    if isinstance(s, Tensor):  # zero scale leaves x as it is, even where v is not finite
-        return torch.where(s == 0, xm, y)
-    return xm if s == 0 else y
+    if isinstance(s, Tensor):
+        y = (xm.double() + s.double() * _math(v).double()).to(xm.dtype)
+        return torch.where(s == 0, xm, y)  # zero scale leaves x as it is, even where v is not finite
+    if s == 0:
+        return xm
+    s = float(torch.tensor(s, dtype=xm.dtype))
+    return (xm.double() + s * _math(v).double()).to(xm.dtype)
 
 
 def perturb_(params, vectors, scale) -> None:
