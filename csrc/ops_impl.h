@@ -21,12 +21,12 @@
   X(const_adapt, "const_adapt(Tensor[] d, Tensor(a!)[] out, float lr, Tensor? lr_tensor, float factor) -> Tensor")  \
   X(rmsprop_adapt,                                                                                            \
     "rmsprop_adapt(Tensor[] d, Tensor[] grads, Tensor[] square_avg, Tensor[] grad_avg, Tensor[] params, "      \
-    "Tensor(a!)[] out, float lr, Tensor? lr_tensor, float alpha, float eps, float weight_decay, bool maximize) " \
-    "-> Tensor")                                                                                              \
+    "Tensor[] momentum_buffer, Tensor(a!)[] out, float lr, Tensor? lr_tensor, float alpha, float eps, "        \
+    "float weight_decay, bool maximize, int safeguard) -> Tensor")                                           \
   X(adagrad_adapt,                                                                                            \
     "adagrad_adapt(Tensor[] d, Tensor[] grads, Tensor[] state_sum, Tensor[] params, Tensor(a!)[] out, "       \
     "float lr, Tensor? lr_tensor, float step, Tensor? steps, float lr_decay, float eps, float weight_decay, "  \
-    "bool maximize) -> Tensor")                                                                               \
+    "bool maximize, int safeguard) -> Tensor")                                                                \
   X(perturb_, "perturb_(Tensor(a!)[] params, Tensor[] vectors, float scale, Tensor? scale_tensor) -> ()")     \
   X(perturb_from_,                                                                                            \
     "perturb_from_(Tensor(a!)[] params, Tensor[] sources, Tensor[] vectors, float scale, Tensor? scale_tensor) " \
@@ -83,21 +83,31 @@ at::Tensor const_adapt(at::TensorList d, at::TensorList out, double lr, const Op
   return Run(spec, c, true);
 }
 
+// Coupled weight decay needs θ (params); with momentum also the buffer (θ_pre = θ + lr·buf).
 template <Runner Run>
 at::Tensor rmsprop_adapt(at::TensorList d, at::TensorList grads, at::TensorList square_avg, at::TensorList grad_avg,
-                         at::TensorList params, at::TensorList out, double lr, const OptTensor& lr_tensor,
-                         double alpha, double eps, double weight_decay, bool maximize) {
+                         at::TensorList params, at::TensorList momentum_buffer, at::TensorList out, double lr,
+                         const OptTensor& lr_tensor, double alpha, double eps, double weight_decay, bool maximize,
+                         int64_t safeguard) {
   TORCH_CHECK(weight_decay == 0.0 || !params.empty(), "sama_ext.rmsprop_adapt: weight_decay=", weight_decay,
               " needs the params list");
   std::vector<NamedList> ins{{"d", d}, {"grads", grads}, {"square_avg", square_avg}};
   add_optional(ins, "grad_avg", grad_avg);
-  if (weight_decay != 0.0) ins.push_back(NamedList{"params", params});
   OpSpec spec;
+  spec.decay = kNoDecay;
+  if (weight_decay != 0.0) {
+    ins.push_back(NamedList{"params", params});
+    spec.decay = kDecayPlain;
+    if (!momentum_buffer.empty()) {
+      ins.push_back(NamedList{"momentum_buffer", momentum_buffer});
+      spec.decay = kDecayMomentum;
+    }
+  }
   spec.kernel = Kernel::kRmsprop;
   spec.flag_a = !grad_avg.empty();
-  spec.flag_b = weight_decay != 0.0;
   const double h[4] = {alpha, eps, weight_decay, sign_of(maximize)};
   std::copy(h, h + 4, spec.h);
+  spec.safeguard = int(safeguard);
   CheckedCall c = check_call("rmsprop_adapt", ins, {{"out", out}}, {lr, lr_tensor}, {0.0, std::nullopt});
   return Run(spec, c, true);
 }
@@ -105,7 +115,8 @@ at::Tensor rmsprop_adapt(at::TensorList d, at::TensorList grads, at::TensorList 
 template <Runner Run>
 at::Tensor adagrad_adapt(at::TensorList d, at::TensorList grads, at::TensorList state_sum, at::TensorList params,
                          at::TensorList out, double lr, const OptTensor& lr_tensor, double step,
-                         const OptTensor& steps, double lr_decay, double eps, double weight_decay, bool maximize) {
+                         const OptTensor& steps, double lr_decay, double eps, double weight_decay, bool maximize,
+                         int64_t safeguard) {
   TORCH_CHECK(weight_decay == 0.0 || !params.empty(), "sama_ext.adagrad_adapt: weight_decay=", weight_decay,
               " needs the params list");
   std::vector<NamedList> ins{{"d", d}, {"grads", grads}, {"state_sum", state_sum}};
@@ -115,6 +126,7 @@ at::Tensor adagrad_adapt(at::TensorList d, at::TensorList grads, at::TensorList 
   spec.flag_b = weight_decay != 0.0;
   const double h[4] = {lr_decay, eps, weight_decay, sign_of(maximize)};
   std::copy(h, h + 4, spec.h);
+  spec.safeguard = int(safeguard);
   CheckedCall c = check_call("adagrad_adapt", ins, {{"out", out}}, {lr, lr_tensor}, {step, steps, true});
   return Run(spec, c, true);
 }

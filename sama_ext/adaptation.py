@@ -7,20 +7,20 @@ RMSprop, Adagrad. Others: `register_diagonal`.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 
 __all__ = ["adapt", "register_diagonal", "AdaptCall", "SAFEGUARDS"]
 
 # How coordinates whose second moment is exactly 0 are treated (DESIGN §2): "none" keeps the
-# exact diagonal; "zero_unseen" sets it to 0 there (Adam/AdamW only).
+# exact diagonal; "zero_unseen" sets it to 0 there (Adam/AdamW, RMSprop, Adagrad; SGD has none).
 SAFEGUARDS = {"none": 0, "zero_unseen": 1}
 
 
@@ -95,13 +95,18 @@ def _lr(group: dict):
 
 
 def _steps(call: AdaptCall) -> list:
-    """Per-param step counts: floats for CPU step tensors (no sync), device tensors as they are."""
+    """Per-param step counts: floats for CPU step tensors (no sync), device tensors as they are.
+    A zero step on the host means the optimiser created its state but never stepped (Adagrad
+    does so in __init__)."""
     steps = []
-    for s in call.state_list("step"):
+    for p, s in zip(call.params, call.state_list("step")):
         if isinstance(s, Tensor) and s.device.type != "cpu":
             steps.append(s)
-        else:
-            steps.append(float(s))
+            continue
+        if float(s) == 0:
+            raise RuntimeError(f"sama_ext.adapt: a param of shape {tuple(p.shape)} has step 0 in its optimiser state; "
+                               f"call {type(call.optimizer).__name__}.step() before adapting")
+        steps.append(float(s))
     return steps
 
 
@@ -121,14 +126,21 @@ def _adam(call: AdaptCall) -> Tensor:
 
 register_diagonal(torch.optim.AdamW, _adam)
 
-# SGD's dampening changes the diagonal between the first momentum step (buffer = g) and the
-# rest, and its state keeps no step count: count steps ourselves, from import on.
-_sgd_steps: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+# SGD's dampening changes the diagonal between a param's first momentum step (buffer = g,
+# undamped) and the rest, and SGD keeps no step count: count each param's steps ourselves,
+# from import on (params without a gradient are not stepped).
+_sgd_steps = WeakIdKeyDictionary()
 
 
 def _count_step(opt, args, kwargs) -> None:
-    if isinstance(opt, torch.optim.SGD):
-        _sgd_steps[opt] = _sgd_steps.get(opt, 0) + 1
+    if not isinstance(opt, torch.optim.SGD):
+        return
+    for group in opt.param_groups:
+        if group["momentum"] == 0 or group["dampening"] == 0:
+            continue  # the diagonal does not depend on the step count
+        for p in group["params"]:
+            if p.grad is not None:
+                _sgd_steps[p] = _sgd_steps.get(p, 0) + 1
 
 
 register_optimizer_step_post_hook(_count_step)
@@ -142,28 +154,42 @@ def _sgd(call: AdaptCall) -> Tensor:
         k = 1.0
     else:
         call.state_list("momentum_buffer")  # raises if the optimiser has not stepped
-        first = False
         if tau != 0:
-            n = _sgd_steps.get(call.optimizer)
-            if n is None:
+            counts = [_sgd_steps.get(p) for p in call.params]
+            if any(n is None for n in counts):
                 raise RuntimeError(
-                    "sama_ext.adapt: SGD with dampening≠0 needs to know whether its last step was its first "
+                    "sama_ext.adapt: SGD with dampening≠0 needs to know whether a param's last step was its first "
                     "(the momentum buffer starts as g, undamped); import sama_ext before the optimiser's first step()")
-            first = n == 1
-        damp = 1.0 if first else 1.0 - tau
+            firsts = {n == 1 for n in counts}
+            if len(firsts) == 2:  # params at their first step and others: two calls
+                first = [i for i, n in enumerate(counts) if n == 1]
+                rest = [i for i, n in enumerate(counts) if n != 1]
+                return _sgd_part(call, first, 1.0, mu, nesterov) + _sgd_part(call, rest, 1.0 - tau, mu, nesterov)
+            damp = 1.0 if firsts == {True} else 1.0 - tau
+        else:
+            damp = 1.0
         k = 1.0 + mu * damp if nesterov else damp
     sign = -1.0 if g["maximize"] else 1.0
     return ops.const_adapt(call.vectors, call.out, lr=_lr(g), factor=sign * k)
+
+
+def _sgd_part(call: AdaptCall, idx: list[int], damp: float, mu: float, nesterov: bool) -> Tensor:
+    k = 1.0 + mu * damp if nesterov else damp
+    sign = -1.0 if call.group["maximize"] else 1.0
+    return ops.const_adapt([call.vectors[i] for i in idx], [call.out[i] for i in idx], lr=_lr(call.group),
+                           factor=sign * k)
 
 
 @register_diagonal(torch.optim.RMSprop)
 def _rmsprop(call: AdaptCall) -> Tensor:
     g = call.group
     wd = float(g["weight_decay"])
+    buf = call.state_list("momentum_buffer") if wd and g["momentum"] > 0 else []
     return ops.rmsprop_adapt(
         call.vectors, call.grads, call.state_list("square_avg"),
-        call.state_list("grad_avg") if g["centered"] else [], call.params if wd else [], call.out,
-        lr=_lr(g), alpha=float(g["alpha"]), eps=float(g["eps"]), weight_decay=wd, maximize=bool(g["maximize"]))
+        call.state_list("grad_avg") if g["centered"] else [], call.params if wd else [], buf, call.out,
+        lr=_lr(g), alpha=float(g["alpha"]), eps=float(g["eps"]), weight_decay=wd, maximize=bool(g["maximize"]),
+        safeguard=call.safeguard)
 
 
 @register_diagonal(torch.optim.Adagrad)
@@ -173,7 +199,7 @@ def _adagrad(call: AdaptCall) -> Tensor:
     return ops.adagrad_adapt(
         call.vectors, call.grads, call.state_list("sum"), call.params if wd else [], call.out, lr=_lr(g),
         step=_steps(call), lr_decay=float(g["lr_decay"]), eps=float(g["eps"]), weight_decay=wd,
-        maximize=bool(g["maximize"]))
+        maximize=bool(g["maximize"]), safeguard=call.safeguard)
 
 
 # ----------------------------------------------------------------------------- adapt()
@@ -252,7 +278,8 @@ def adapt(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vectors: S
     Returns (v, norm): v in new tensors unless `out` is given (out=vectors works in place), norm a
     0-dim float32 tensor on the params' device. `grads` defaults to each param's .grad, which must
     be the gradient the optimiser consumed in its last step(). No host-device synchronisation.
-    Coupled weight decay uses the current θ where the step used the previous one (an O(lr·wd)
-    relative difference; AdamW's decoupled decay is exact)."""
+    Coupled weight decay enters through θ before the step, which step() overwrote: it is
+    recovered exactly from the post-step state (the update undone), so the diagonal is exact
+    there too."""
     v, sumsq = adapt_sumsq(optimizer, params, vectors, grads, out, safeguard)
     return v, sumsq.sqrt().float()

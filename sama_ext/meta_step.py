@@ -118,8 +118,8 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     base_module / meta_module: the DDP wrappers when distributed (see sama_ext.distributed);
     the meta module needs `sama_ext.distributed.register_comm_hook` once, and meta_params must be
     exactly its trainable parameters.
-    safeguard: Adam/AdamW only — "zero_unseen" (default: the diagonal is 0 where the second moment
-    is exactly 0) or "none" (the exact diagonal everywhere). Such never-seen coordinates have a
+    safeguard: Adam/AdamW, RMSprop, Adagrad — "zero_unseen" (default: the diagonal is 0 where the
+    second moment is exactly 0) or "none" (the exact diagonal everywhere). Such never-seen coordinates have a
     huge exact diagonal but, as long as their input is still 0 in the base batch, no effect on the
     meta-gradient; they only inflate ‖v‖, shrinking ε for every other coordinate until float32
     cancellation ruins g⁻ − g⁺ (measured: docs/safeguard.md).

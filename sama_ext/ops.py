@@ -78,31 +78,33 @@ def const_adapt(d, out, *, lr, factor) -> Tensor:
     return torch.ops.sama_ext.const_adapt(list(d), list(out), lr_v, lr_t, float(factor))
 
 
-def rmsprop_adapt(d, grads, square_avg, grad_avg, params, out, *, lr, alpha, eps, weight_decay=0.0,
-                  maximize=False) -> Tensor:
-    """out = s·du/dg·d for RMSprop (`grad_avg` empty unless centered); returns Σ out²."""
+def rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, *, lr, alpha, eps,
+                  weight_decay=0.0, maximize=False, safeguard=0) -> Tensor:
+    """out = s·du/dg·d for RMSprop (`grad_avg` empty unless centered; `params` and, with momentum,
+    `momentum_buffer` needed only for coupled weight decay); returns Σ out²."""
     if not _compiled():
-        return reference.rmsprop_adapt(d, grads, square_avg, grad_avg, params, out, lr=lr, alpha=alpha, eps=eps,
-                                       weight_decay=weight_decay, maximize=maximize)
+        return reference.rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, lr=lr,
+                                       alpha=alpha, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                                       safeguard=safeguard)
     dev = _device(d)
     lr_v, lr_t = _split(lr, dev)
     return torch.ops.sama_ext.rmsprop_adapt(list(d), list(grads), list(square_avg), list(grad_avg), list(params),
-                                            list(out), lr_v, lr_t, float(alpha), float(eps), float(weight_decay),
-                                            bool(maximize))
+                                            list(momentum_buffer), list(out), lr_v, lr_t, float(alpha), float(eps),
+                                            float(weight_decay), bool(maximize), int(safeguard))
 
 
 def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, weight_decay=0.0,
-                  maximize=False) -> Tensor:
+                  maximize=False, safeguard=0) -> Tensor:
     """out = s·du/dg·d for Adagrad; returns Σ out²."""
     if not _compiled():
         return reference.adagrad_adapt(d, grads, state_sum, params, out, lr=lr, step=step, lr_decay=lr_decay,
-                                       eps=eps, weight_decay=weight_decay, maximize=maximize)
+                                       eps=eps, weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
     dev = _device(d)
     lr_v, lr_t = _split(lr, dev)
     st_v, st_t = _steps(step, len(d), dev)
     return torch.ops.sama_ext.adagrad_adapt(list(d), list(grads), list(state_sum), list(params), list(out), lr_v,
                                             lr_t, st_v, st_t, float(lr_decay), float(eps), float(weight_decay),
-                                            bool(maximize))
+                                            bool(maximize), int(safeguard))
 
 
 def perturb_(params: Sequence[Tensor], vectors: Sequence[Tensor], scale) -> None:

@@ -42,14 +42,16 @@ def _finish(vs, out) -> Tensor:
     return _sumsq(vs, out[0].device)
 
 
-def _ge(g, theta, weight_decay, sign):
+def _ge(g, theta_pre, weight_decay, sign):
+    """The gradient the optimiser used: s·g + wd·θ_pre (coupled decay)."""
     ge = sign * _math(g)
-    return ge if weight_decay == 0 else ge + weight_decay * _math(theta)
+    return ge if weight_decay == 0 else ge + weight_decay * theta_pre
 
 
 def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr, step, beta1, beta2, eps,
                weight_decay=0.0, maximize=False, safeguard=0) -> Tensor:
-    """v = s·du/dg_e·d for Adam/AdamW from the post-step state; returns Σv² (float64)."""
+    """v = s·du/dg_e·d for Adam/AdamW from the post-step state; returns Σv² (float64).
+    Coupled decay: θ_pre = θ + lr·(m/bc1)/D, the step undone."""
     sign = -1.0 if maximize else 1.0
     amsgrad = len(max_exp_avg_sq) > 0
     steps = step if isinstance(step, (list, tuple)) else [step] * len(d)
@@ -58,18 +60,20 @@ def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr
         dm = _math(di)
         t = _scalar(steps[i], dm)
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        lr_i = _scalar(lr, dm)
+        m = _math(exp_avg[i])
         q = _math(exp_avg_sq[i])
         qu = _math(max_exp_avg_sq[i]) if amsgrad else q
-        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
         h = qu.sqrt() / (bc2 ** 0.5 if not isinstance(bc2, Tensor) else bc2.sqrt())
         D = h + eps
+        theta_pre = _math(params[i]) + lr_i * (m / bc1) / D if weight_decay else None
+        ge = _ge(grads[i], theta_pre, weight_decay, sign)
         curved = h > 0
         if amsgrad:
             curved = curved & (q == qu)
         safe_h = torch.where(curved, h, torch.ones_like(h))
-        second = torch.where(curved, (_math(exp_avg[i]) / bc1 / D) * ((1 - beta2) / bc2 * ge / safe_h / D),
-                             torch.zeros_like(h))
-        diag = _scalar(lr, dm) * ((1 - beta1) / bc1 / D - second)
+        second = torch.where(curved, (m / bc1 / D) * ((1 - beta2) / bc2 * ge / safe_h / D), torch.zeros_like(h))
+        diag = lr_i * ((1 - beta1) / bc1 / D - second)
         if safeguard == SAFEGUARDS["zero_unseen"]:
             diag = torch.where(qu == 0, torch.zeros_like(diag), diag)
         vs.append(sign * diag * dm)
@@ -82,26 +86,39 @@ def const_adapt(d, out, *, lr, factor) -> Tensor:
     return _finish(vs, out)
 
 
-def rmsprop_adapt(d, grads, square_avg, grad_avg, params, out, *, lr, alpha, eps, weight_decay=0.0,
-                  maximize=False) -> Tensor:
+def _undo_plain_step(theta, g, D, lr, wd, sign):
+    """θ_pre from θ = θ_pre − lr·(s·g + wd·θ_pre)/D."""
+    return (_math(theta) + lr * sign * _math(g) / D) / (1 - lr * wd / D)
+
+
+def rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, *, lr, alpha, eps,
+                  weight_decay=0.0, maximize=False, safeguard=0) -> Tensor:
     sign = -1.0 if maximize else 1.0
     centered = len(grad_avg) > 0
     vs = []
     for i, di in enumerate(d):
         dm = _math(di)
-        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
+        lr_i = _scalar(lr, dm)
         S = _math(square_avg[i])
         G = _math(grad_avg[i]) if centered else torch.zeros_like(S)
         R = (S - G * G).sqrt() if centered else S.sqrt()
         D = R + eps
+        theta_pre = None
+        if weight_decay:
+            theta_pre = (_math(params[i]) + lr_i * _math(momentum_buffer[i]) if len(momentum_buffer)
+                         else _undo_plain_step(params[i], grads[i], D, lr_i, weight_decay, sign))
+        ge = _ge(grads[i], theta_pre, weight_decay, sign)
         safe_R = torch.where(R > 0, R, torch.ones_like(R))
         second = torch.where(R > 0, (ge / D) * ((1 - alpha) * (ge - G) / safe_R / D), torch.zeros_like(R))
-        vs.append(sign * _scalar(lr, dm) * (1 / D - second) * dm)
+        diag = lr_i * (1 / D - second)
+        if safeguard == SAFEGUARDS["zero_unseen"]:
+            diag = torch.where(S == 0, torch.zeros_like(diag), diag)
+        vs.append(sign * diag * dm)
     return _finish(vs, out)
 
 
 def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, weight_decay=0.0,
-                  maximize=False) -> Tensor:
+                  maximize=False, safeguard=0) -> Tensor:
     sign = -1.0 if maximize else 1.0
     steps = step if isinstance(step, (list, tuple)) else [step] * len(d)
     vs = []
@@ -109,12 +126,16 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
         dm = _math(di)
         t = _scalar(steps[i], dm)
         clr = _scalar(lr, dm) / (1 + (t - 1) * lr_decay)
-        ge = _ge(grads[i], params[i] if weight_decay else None, weight_decay, sign)
         R = _math(state_sum[i]).sqrt()
         D = R + eps
+        theta_pre = _undo_plain_step(params[i], grads[i], D, clr, weight_decay, sign) if weight_decay else None
+        ge = _ge(grads[i], theta_pre, weight_decay, sign)
         safe_R = torch.where(R > 0, R, torch.ones_like(R))
         second = torch.where(R > 0, (ge / D) * (ge / safe_R / D), torch.zeros_like(R))
-        vs.append(sign * clr * (1 / D - second) * dm)
+        diag = clr * (1 / D - second)
+        if safeguard == SAFEGUARDS["zero_unseen"]:
+            diag = torch.where(R == 0, torch.zeros_like(diag), diag)
+        vs.append(sign * diag * dm)
     return _finish(vs, out)
 
 

@@ -15,7 +15,8 @@ enum class Kernel : int { kAdam = 0, kConst, kRmsprop, kAdagrad, kAxpy, kAxpySav
 struct OpSpec {
   Kernel kernel = Kernel::kAxpy;
   bool flag_a = false;  // Adam: amsgrad · RMSprop: centered · Combine: accumulate
-  bool flag_b = false;  // Adam, RMSprop, Adagrad: coupled weight decay (θ is an input)
+  bool flag_b = false;  // Adam, Adagrad: coupled weight decay (θ is an input)
+  int decay = 0;        // RMSprop: kNoDecay, kDecayPlain (θ an input), kDecayMomentum (θ, buf)
   double h[5] = {0, 0, 0, 0, 0};
   int safeguard = kSafeguardNone;
 };
@@ -41,14 +42,15 @@ template <typename Fn> decltype(auto) with_functor(const OpSpec& s, Fn&& fn) {
     case Kernel::kConst:
       return fn(ConstDiag{h[0]});
     case Kernel::kRmsprop:
-#define SAMA_RMS(C, WD) \
-  if (s.flag_a == C && s.flag_b == WD) return fn(RmspropDiag<C, WD>{h[0], h[1], h[2], h[3]});
-      SAMA_RMS(false, false) SAMA_RMS(false, true) SAMA_RMS(true, false) SAMA_RMS(true, true)
+#define SAMA_RMS(C, DEC) \
+  if (s.flag_a == C && s.decay == DEC) return fn(RmspropDiag<C, DEC>{h[0], h[1], h[2], h[3], s.safeguard});
+      SAMA_RMS(false, kNoDecay) SAMA_RMS(false, kDecayPlain) SAMA_RMS(false, kDecayMomentum)
+      SAMA_RMS(true, kNoDecay) SAMA_RMS(true, kDecayPlain) SAMA_RMS(true, kDecayMomentum)
 #undef SAMA_RMS
       break;
     case Kernel::kAdagrad:
-      if (s.flag_b) return fn(AdagradDiag<true>{h[0], h[1], h[2], h[3]});
-      return fn(AdagradDiag<false>{h[0], h[1], h[2], h[3]});
+      if (s.flag_b) return fn(AdagradDiag<true>{h[0], h[1], h[2], h[3], s.safeguard});
+      return fn(AdagradDiag<false>{h[0], h[1], h[2], h[3], s.safeguard});
     case Kernel::kAxpy:
       return fn(Axpy{});
     case Kernel::kAxpySave:

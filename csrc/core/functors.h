@@ -32,6 +32,9 @@ enum Safeguard : int { kSafeguardNone = 0, kSafeguardZeroUnseen = 1 };
 //   h = sqrt(q/bc2), D = h + eps, g_e = s·g + wd·θ (wd: coupled decay only)
 //   du/dg_e = lr·[(1-β1)/bc1 / D − (m/bc1)·(1-β2)·g_e/(bc2·h·D²)]   (second term 0 at h = 0)
 // and v = s·du/dg_e·d. Under AMSGrad the second term only exists where this step set the max.
+// Coupled decay used the pre-step θ, which step() overwrote; it is recovered exactly from the
+// post-step state: θ_pre = θ + lr·(m/bc1)/D (the update itself). Using θ instead would be off by
+// O(lr·wd/eps) at step 1, where the two terms of the diagonal nearly cancel.
 template <bool kAmsgrad, bool kCoupledDecay>
 struct AdamDiag {
   static constexpr int kIn = 4 + kAmsgrad + kCoupledDecay;  // d, g, m, q, [q_max], [θ]
@@ -55,10 +58,10 @@ struct AdamDiag {
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
     const A d = x[0], g = x[1], m = x[2], q = x[3];
     const A q_used = kAmsgrad ? x[4] : q;
-    const A theta = kCoupledDecay ? x[4 + kAmsgrad] : A(0);
-    const A ge = c.sign * g + c.wd * theta;
     const A h = math_sqrt(q_used) * c.inv_sqrt_bc2;
     const A D = h + c.eps;
+    const A theta_pre = kCoupledDecay ? x[4 + kAmsgrad] + c.lr * (m * c.inv_bc1) / D : A(0);
+    const A ge = c.sign * g + c.wd * theta_pre;
     const bool curved = h > A(0) && (!kAmsgrad || q == q_used);
     // Grouped as (m/bc1 / D)·((1-β2)/bc2·g_e/h / D): both factors stay O(1), no underflow.
     const A second = curved ? (m * c.inv_bc1 / D) * (c.r_coef * ge / h / D) : A(0);
@@ -90,12 +93,18 @@ struct ConstDiag {
 // Post-step square_avg S (and grad_avg G when centered): R = sqrt(S) or sqrt(S − G²),
 // D = R + eps, update lr·g_e/D (momentum only integrates it, same derivative):
 //   du/dg_e = lr·[1/D − (g_e/D)·(dR/dg_e)/D],  dR/dg_e = (1-α)(g_e − G)/R  (G = 0 uncentered)
-template <bool kCentered, bool kCoupledDecay>
+// Coupled decay (kDecay): θ_pre is recovered from the post-step state — θ + lr·buf with momentum
+// (kDecay = 2, buf an input), else solving θ = θ_pre − lr·(s·g + wd·θ_pre)/D (kDecay = 1).
+enum Decay : int { kNoDecay = 0, kDecayPlain = 1, kDecayMomentum = 2 };
+
+template <bool kCentered, int kDecay>
 struct RmspropDiag {
-  static constexpr int kIn = 3 + kCentered + kCoupledDecay;  // d, g, S, [G], [θ]
+  static constexpr int kIn = 3 + kCentered + (kDecay != kNoDecay) + (kDecay == kDecayMomentum);
+  // d, g, S, [G], [θ], [buf]
   static constexpr int kOut = 1;
   static constexpr bool kLoadsOut = false, kReduces = true;
   double alpha, eps, weight_decay, sign;
+  int safeguard;
 
   template <typename A> struct Ctx { A lr, one_m_alpha, eps, wd, sign; };
   template <typename A> SAMA_HD Ctx<A> prepare(double lr, double) const {
@@ -104,12 +113,16 @@ struct RmspropDiag {
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
     const A d = x[0], g = x[1], S = x[2];
     const A G = kCentered ? x[3] : A(0);
-    const A theta = kCoupledDecay ? x[3 + kCentered] : A(0);
-    const A ge = c.sign * g + c.wd * theta;
     const A R = math_sqrt(kCentered ? S - G * G : S);
     const A D = R + c.eps;
+    A theta_pre = A(0);
+    if (kDecay == kDecayPlain) theta_pre = (x[3 + kCentered] + c.lr * c.sign * g / D) / (A(1) - c.lr * c.wd / D);
+    if (kDecay == kDecayMomentum) theta_pre = x[3 + kCentered] + c.lr * x[4 + kCentered];
+    const A ge = c.sign * g + c.wd * theta_pre;
     const A second = R > A(0) ? (ge / D) * (c.one_m_alpha * (ge - G) / R / D) : A(0);
-    const A v = c.sign * c.lr * (A(1) / D - second) * d;
+    A diag = c.lr * (A(1) / D - second);
+    if (safeguard == kSafeguardZeroUnseen && S == A(0)) diag = A(0);
+    const A v = c.sign * diag * d;
     y[0] = v;
     return v;
   }
@@ -118,12 +131,14 @@ struct RmspropDiag {
 // ---------------------------------------------------------------- Adagrad
 // Post-step sum Σ, step t: clr = lr/(1 + (t−1)·lr_decay), R = sqrt(Σ), D = R + eps:
 //   du/dg_e = clr·[1/D − (g_e/D)·(g_e/R)/D]
+// Coupled decay: θ_pre from θ = θ_pre − clr·(s·g + wd·θ_pre)/D.
 template <bool kCoupledDecay>
 struct AdagradDiag {
   static constexpr int kIn = 3 + kCoupledDecay;  // d, g, Σ, [θ]
   static constexpr int kOut = 1;
   static constexpr bool kLoadsOut = false, kReduces = true;
   double lr_decay, eps, weight_decay, sign;
+  int safeguard;
 
   template <typename A> struct Ctx { A clr, eps, wd, sign; };
   // a = lr, b = step
@@ -132,12 +147,14 @@ struct AdagradDiag {
   }
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
     const A d = x[0], g = x[1], sum = x[2];
-    const A theta = kCoupledDecay ? x[3] : A(0);
-    const A ge = c.sign * g + c.wd * theta;
     const A R = math_sqrt(sum);
     const A D = R + c.eps;
+    const A theta_pre = kCoupledDecay ? (x[3] + c.clr * c.sign * g / D) / (A(1) - c.clr * c.wd / D) : A(0);
+    const A ge = c.sign * g + c.wd * theta_pre;
     const A second = R > A(0) ? (ge / D) * (ge / R / D) : A(0);
-    const A v = c.sign * c.clr * (A(1) / D - second) * d;
+    A diag = c.clr * (A(1) / D - second);
+    if (safeguard == kSafeguardZeroUnseen && sum == A(0)) diag = A(0);
+    const A v = c.sign * diag * d;
     y[0] = v;
     return v;
   }
