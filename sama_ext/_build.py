@@ -149,7 +149,10 @@ def build_config(torch, aot: bool = False) -> BuildConfig:
         raise BuildError(f"sama_ext: SAMA_EXT_CUDA=1 but the CUDA kernels cannot be built: {why}")
     with_cuda = cuda_home is not None
     cfg = BuildConfig(with_cuda=with_cuda, cuda_home=cuda_home, why_no_cuda="" if with_cuda else why)
-    cfg.cflags = ["-O3", "-fopenmp"] + ([] if aot else ["-march=native"])
+    # -fno-math-errno / -fno-trapping-math change no result (no errno reads, no FP traps) but
+    # let the compiler vectorise the CPU loops (sqrt without an errno branch; selects instead
+    # of branches around divisions).
+    cfg.cflags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + ([] if aot else ["-march=native"])
     cfg.ldflags = ["-fopenmp"]
     if with_cuda:
         cfg.cflags.append("-DSAMA_EXT_WITH_CUDA")

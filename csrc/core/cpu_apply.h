@@ -33,6 +33,8 @@ struct Lists {
 
 constexpr int64_t kCpuChunk = 1 << 15;  // 32K elements: several per thread, fits in L2
 
+constexpr int kCpuLanes = 8;  // independent partial sums: vectorisable without reassociating
+
 template <typename Op, typename Tin, typename Tout, typename A>
 double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
                  int64_t begin, int64_t end) {
@@ -41,18 +43,29 @@ double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Li
   for (int k = 0; k < Op::kIn; ++k) in[k] = static_cast<const Tin*>(l.in[k * l.n_tensors + t]) + begin;
   for (int k = 0; k < Op::kOut; ++k) out[k] = static_cast<Tout*>(l.out[k * l.n_tensors + t]) + begin;
   const int64_t len = end - begin;
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < len; ++i) {
+  // Local copies: stores through out[] could alias the functor's and context's float fields
+  // as far as the compiler knows.
+  const Op f = op;
+  const auto c = ctx;
+  auto element = [&](int64_t i, double& acc) __attribute__((always_inline)) {
     A x[Op::kIn];
     A y[Op::kOut];
     for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
     if (Op::kLoadsOut)
       for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(out[k][i]);
-    const double r = double(op.apply(ctx, x, y));
+    const double r = double(f.apply(c, x, y));
     if (Op::kReduces) acc += r * r;  // squared in double: ‖v‖² without fp32 rounding of v²
     for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
-  }
+  };
+  // Blocks of kCpuLanes elements, element j of each block summed into lane j: the compiler
+  // vectorises the inner loop (no FP reassociation needed), and the sum is deterministic.
+  double lane[kCpuLanes] = {};
+  int64_t i0 = 0;
+  for (; i0 + kCpuLanes <= len; i0 += kCpuLanes)
+    for (int j = 0; j < kCpuLanes; ++j) element(i0 + j, lane[j]);
+  double acc = 0.0;
+  for (int64_t i = i0; i < len; ++i) element(i, acc);
+  for (int j = 0; j < kCpuLanes; ++j) acc += lane[j];
   return acc;
 }
 

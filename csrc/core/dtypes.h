@@ -14,7 +14,7 @@
 #include <cuda_fp16.h>
 #define SAMA_HD __host__ __device__ __forceinline__
 #else
-#define SAMA_HD inline
+#define SAMA_HD inline __attribute__((always_inline))
 #endif
 
 namespace sama {

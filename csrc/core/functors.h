@@ -64,7 +64,11 @@ struct AdamDiag {
     const A ge = c.sign * g + c.wd * theta_pre;
     const bool curved = h > A(0) && (!kAmsgrad || q == q_used);
     // Grouped as (m/bc1 / D)·((1-β2)/bc2·g_e/h / D): both factors stay O(1), no underflow.
-    const A second = curved ? (m * c.inv_bc1 / D) * (c.r_coef * ge / h / D) : A(0);
+    // Computed for every lane with a safe divisor, then selected: a division under a branch
+    // keeps compilers (trapping-math semantics) from vectorising the CPU loop.
+    const A h_safe = curved ? h : A(1);
+    const A second_all = (m * c.inv_bc1 / D) * (c.r_coef * ge / h_safe / D);
+    const A second = curved ? second_all : A(0);
     A diag = c.lr * (c.first_num / D - second);
     if (safeguard == kSafeguardZeroUnseen && q_used == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
@@ -119,7 +123,9 @@ struct RmspropDiag {
     if (kDecay == kDecayPlain) theta_pre = (x[3 + kCentered] + c.lr * c.sign * g / D) / (A(1) - c.lr * c.wd / D);
     if (kDecay == kDecayMomentum) theta_pre = x[3 + kCentered] + c.lr * x[4 + kCentered];
     const A ge = c.sign * g + c.wd * theta_pre;
-    const A second = R > A(0) ? (ge / D) * (c.one_m_alpha * (ge - G) / R / D) : A(0);
+    const A R_safe = R > A(0) ? R : A(1);  // divide unconditionally, select after (vectorises)
+    const A second_all = (ge / D) * (c.one_m_alpha * (ge - G) / R_safe / D);
+    const A second = R > A(0) ? second_all : A(0);
     A diag = c.lr * (A(1) / D - second);
     if (safeguard == kSafeguardZeroUnseen && S == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
@@ -151,7 +157,9 @@ struct AdagradDiag {
     const A D = R + c.eps;
     const A theta_pre = kCoupledDecay ? (x[3] + c.clr * c.sign * g / D) / (A(1) - c.clr * c.wd / D) : A(0);
     const A ge = c.sign * g + c.wd * theta_pre;
-    const A second = R > A(0) ? (ge / D) * (ge / R / D) : A(0);
+    const A R_safe = R > A(0) ? R : A(1);  // divide unconditionally, select after (vectorises)
+    const A second_all = (ge / D) * (ge / R_safe / D);
+    const A second = R > A(0) ? second_all : A(0);
     A diag = c.clr * (A(1) / D - second);
     if (safeguard == kSafeguardZeroUnseen && sum == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
