@@ -234,8 +234,13 @@ def _ext_suffix() -> str:
 
 
 def _jit_build(torch, cfg: BuildConfig, src: Path, name: str, build_dir: Path):
-    if cfg.with_cuda:  # before torch.utils.cpp_extension guesses (wrongly) from the nvcc on PATH
+    # Before torch.utils.cpp_extension guesses (wrongly, with a warning) from the nvcc on PATH.
+    if cfg.with_cuda:
         os.environ["CUDA_HOME"] = str(cfg.cuda_home)
+    elif not os.environ.get("CUDA_HOME") and torch.version.cuda:
+        home, _ = find_cuda_home(torch.version.cuda)
+        if home is not None:
+            os.environ["CUDA_HOME"] = str(home)
     import torch.utils.cpp_extension as cpp_ext
 
     if shutil.which(os.environ.get("CXX", "c++")) is None:
