@@ -70,7 +70,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "ninja", "numpy"],
     extras_require={
-        "test": ["pytest", "hypothesis", "expecttest"],
+        # the test suite also runs the demo and the examples (a small HuggingFace BERT built in code)
+        "test": ["pytest", "hypothesis", "expecttest", "scikit-learn", "matplotlib", "tqdm", "transformers"],
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
     ext_modules=exts,
