@@ -146,6 +146,8 @@ void check_launch(const char* what) {
 template <typename Op, typename Tin, typename Tout>
 void run_typed(const Op& op, const CudaCall& c, cudaStream_t stream) {
   using M = Meta<Op::kIn, Op::kOut>;
+  static_assert(sizeof(M) + sizeof(Op) + 2 * sizeof(ScalarArg) + sizeof(double*) <= 32764,
+                "kernel arguments exceed the 32 KB limit");
   const Plan& plan = *c.plan;
   const int64_t n = c.lists.n_tensors;
   for (const Launch& L : plan.launches) {
