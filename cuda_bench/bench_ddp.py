@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.bucket_mb = 3, 0.1
+    if args.device == "cuda" and torch.cuda.device_count() < args.world:
+        print(f"ddp: skipped, needs {args.world} GPUs for --device cuda (found {torch.cuda.device_count()}); "
+              "run it on CPU (gloo) or on a multi-GPU machine")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
