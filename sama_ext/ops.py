@@ -15,7 +15,7 @@ from . import reference
 from ._backend import backend, check_device
 
 __all__ = ["adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt", "perturb_", "perturb_from_",
-           "perturb_save_", "combine_", "perturb_"]
+           "perturb_save_", "combine_"]
 
 
 def _compiled() -> bool:
