@@ -614,6 +614,10 @@ def targets_markdown(result: dict) -> list[str]:
     return out
 
 
+def _model(size_label: str) -> str:
+    return "gpt2" if size_label.startswith("gpt2") else "bert"
+
+
 def plot(result: dict, path: Path) -> bool:
     if not common.have_matplotlib():
         print("bench_kernels: matplotlib is not installed; skipping the plot", file=sys.stderr)
@@ -634,11 +638,13 @@ def plot(result: dict, path: Path) -> bool:
         rs = [r for r in result["cases"] if r["kernel"] == kernel]
         for dt in dict.fromkeys(r["dtype"] for r in rs):
             for name in VARIANTS:
-                pts = sorted((r["numel"], r["variants"][name]["gbps"]) for r in rs
-                             if r["dtype"] == dt and name in r["variants"])
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(dt, "-"), marker="o", ms=3,
-                            color=colors[name], label=f"{name} {dt}")
+                for model, marker in (("bert", "o"), ("gpt2", "s")):  # one line per architecture
+                    pts = sorted((r["numel"], r["variants"][name]["gbps"]) for r in rs
+                                 if r["dtype"] == dt and name in r["variants"] and _model(r["size"]) == model)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(dt, "-"), marker=marker, ms=3,
+                                color=colors[name], label=f"{name} {dt}" if model == "bert" or not any(
+                                    _model(r["size"]) == "bert" for r in rs) else None)
         ax.axhline(copy, color="k", lw=0.8, ls=":", label="copy")
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -651,7 +657,8 @@ def plot(result: dict, path: Path) -> bool:
     axes.flat[0].legend(fontsize=7)
     m = result["machine"]
     fig.suptitle(f"sama_ext kernels on {m['device_name']} ({m['torch_threads']} threads), "
-                 f"torch {m['torch_version']}, {m['date_utc']} UTC", fontsize=9)
+                 f"torch {m['torch_version']}, {m['date_utc']} UTC; circles: BERT shapes, squares: GPT-2 shapes; "
+                 f"dotted: copy", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
