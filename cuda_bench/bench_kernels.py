@@ -321,6 +321,13 @@ def run_case(kernel, label, shapes, dtype_name, device, args, compiler: Compiler
     # correctness of the baselines (small lists only: it clones every input)
     if args.check and n <= args.check_max:
         rec["check_max_rel_err"] = check_case(case, variants, _inputs_to_restore(case))
+    # A copy timed in the same interleaved rounds as the variants: the bandwidth the machine gives
+    # at this very moment (this VM's drifts by tens of percent from minute to minute). Its buffers
+    # move as many counted bytes as the kernel, capped at 2 × 512 MiB (far beyond any cache).
+    copy_n = max(1, min(rec["min_bytes"] // 2, 512 << 20) // 4)
+    copy_src = torch.empty(copy_n, dtype=torch.float32, device=device).uniform_()
+    copy_dst = torch.empty_like(copy_src)
+    variants["copy"] = lambda: copy_dst.copy_(copy_src)
     # warm-up, then interleaved rounds (so a burst of load elsewhere hits every variant alike).
     # With --wait-quiet, a timing loop during which other processes took more than that share of
     # the CPU is redone after waiting for quiet (at most --retries times; the quietest is kept).
@@ -346,8 +353,11 @@ def run_case(kernel, label, shapes, dtype_name, device, args, compiler: Compiler
     rec["timing_attempts"] = [round(t[0], 3) for t in tries]
     for name, ts in samples.items():
         st = common.summarize(ts)
-        st.update(gbps=rec["min_bytes"] / st["median_s"] / 1e9, gbps_best=rec["min_bytes"] / st["min_s"] / 1e9)
-        rec["variants"][name] = st
+        moved = 2 * copy_n * 4 if name == "copy" else rec["min_bytes"]
+        st.update(gbps=moved / st["median_s"] / 1e9, gbps_best=moved / st["min_s"] / 1e9)
+        (rec if name == "copy" else rec["variants"]).__setitem__("copy_interleaved" if name == "copy" else name, st)
+    rec["copy_interleaved"]["buffer_bytes"] = copy_n * 4
+    del copy_src, copy_dst
     t_f = rec["variants"]["fused"]["median_s"]
     rec["speedup"] = {k: v["median_s"] / t_f for k, v in rec["variants"].items() if k != "fused"}
     compiled = [k for k in ("compile", "compile_foreach") if k in rec["variants"]]
@@ -494,6 +504,7 @@ def main(argv=None) -> dict:
         for st in c["variants"].values():
             st["frac_copy"] = st["gbps"] / copy_gbps
             st["frac_copy_beside"] = st["gbps"] / c["copy_beside"]["gbps_median"]
+            st["frac_copy_interleaved"] = st["gbps"] / c["copy_interleaved"]["gbps"]
     result = {
         "benchmark": "kernels", "machine": info,
         "config": {k: v for k, v in vars(args).items()},
@@ -521,7 +532,8 @@ def format_line(r: dict) -> str:
                                        if k in r["speedup"]))
     for name, c in r.get("compile", {}).items():
         parts.append(f"{name} first call {c['first_call_s']:.1f} s ({c['graphs']} graphs)")
-    parts.append(f"copy beside {r['copy_beside']['gbps_median']:.1f} GB/s; others' CPU {_others(r)}")
+    parts.append(f"copy interleaved {r['copy_interleaved']['gbps']:.1f} GB/s, beside {r['copy_beside']['gbps_median']:.1f} "
+                 f"GB/s; others' CPU {_others(r)}")
     return " | ".join(parts)
 
 
@@ -548,10 +560,10 @@ def markdown(result: dict) -> str:
         "traffic; `x eager` etc. = baseline time / fused time (> 1: fused is faster); others' CPU = the share of "
         "the machine other processes used during the case's timing loop (/proc/stat; a noise indicator)",
         "",
-        "| kernel | size | dtype | elements | fused ms | fused GB/s | % copy | eager ms | foreach ms | compile ms "
-        "(ref / foreach) | x eager | x foreach | x compile (best) | compile s (ref / foreach) | copy beside GB/s "
-        "| others' CPU |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| kernel | size | dtype | elements | fused ms | fused GB/s | % copy interleaved | % copy (best of run) | "
+        "eager ms | foreach ms | compile ms (ref / foreach) | x eager | x foreach | x compile (best) | "
+        "compile s (ref / foreach) | copy interleaved GB/s | others' CPU |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["cases"]:
         v, s = r["variants"], r["speedup"]
@@ -561,9 +573,10 @@ def markdown(result: dict) -> str:
                           if k in r.get("compile", {}) else "–" for k in ("compile", "compile_foreach"))
         cms = " / ".join(ms(k) for k in ("compile", "compile_foreach"))
         lines.append(f"| {r['kernel']} | {r['size']} | {r['dtype']} | {r['numel'] / 1e6:.1f}M | {ms('fused')} | "
-                     f"{v['fused']['gbps']:.1f} | {100 * v['fused']['frac_copy']:.0f}% | {ms('eager')} | "
+                     f"{v['fused']['gbps']:.1f} | {100 * v['fused']['frac_copy_interleaved']:.0f}% | "
+                     f"{100 * v['fused']['frac_copy']:.0f}% | {ms('eager')} | "
                      f"{ms('foreach')} | {cms} | {sp('eager')} | {sp('foreach')} | {sp('compile_best')} | {comp} | "
-                     f"{r['copy_beside']['gbps_median']:.1f} | {_others(r)} |")
+                     f"{r['copy_interleaved']['gbps']:.1f} | {_others(r)} |")
     lines += targets_markdown(result)
     checks = [r for r in result["cases"] if "check_max_rel_err" in r]
     if checks:
@@ -579,9 +592,9 @@ def markdown(result: dict) -> str:
 # The issue's targets, for fp32 lists of 24-50M elements: (kernel, what, threshold)
 TARGETS = [
     ("adam_adapt", "speedup eager", 3.0), ("adam_adapt", "speedup foreach", 3.0),
-    ("adam_adapt", "speedup compile_best", 0.9), ("adam_adapt", "frac_copy", 0.8),
-    ("perturb_", "frac_copy", 0.8), ("perturb_from_", "frac_copy", 0.8), ("perturb_save_", "frac_copy", 0.8),
-]
+    ("adam_adapt", "speedup compile_best", 0.9),
+] + [(k, f, 0.8) for k in ("adam_adapt", "perturb_", "perturb_from_", "perturb_save_")
+     for f in ("frac_copy_interleaved", "frac_copy")]
 
 
 def target_rows(result: dict) -> list[dict]:
@@ -592,8 +605,8 @@ def target_rows(result: dict) -> list[dict]:
         for kernel, what, thr in TARGETS:
             if r["kernel"] != kernel:
                 continue
-            if what == "frac_copy":
-                val = r["variants"]["fused"]["frac_copy"]
+            if what.startswith("frac_copy"):
+                val = r["variants"]["fused"][what]
             else:
                 val = r["speedup"].get(what.split()[1])
             if val is not None:
@@ -606,7 +619,9 @@ def targets_markdown(result: dict) -> list[str]:
     rows = target_rows(result)
     if not rows:
         return []
-    out = ["", "Targets (fp32, 24-50M elements; speedup = baseline time / fused time, frac_copy = fused GB/s / copy GB/s):", "",
+    out = ["", "Targets (fp32, 24-50M elements; speedup = baseline time / fused time; frac_copy_interleaved = fused "
+           "GB/s / the GB/s of a copy timed in the same interleaved rounds; frac_copy = fused GB/s / the best copy "
+           "median of the whole run, the conservative figure):", "",
            "| kernel | size | measure | target | measured | met |", "|---|---|---|---:|---:|---|"]
     for t in rows:
         out.append(f"| {t['kernel']} | {t['size']} | {t['what']} | ≥ {t['target']:g} | {t['value']:.2f} | "

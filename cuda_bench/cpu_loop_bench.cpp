@@ -1,8 +1,9 @@
 // Single-thread microbenchmark of the CPU kernels' inner loop (csrc/core/cpu_apply.h: cpu_chunk),
 // against an alternative, on one 32K-element chunk (the size cpu_apply hands a thread).
-// It is the evidence behind the vectorisation notes in docs/benchmarks.md; it is not built by CI.
+// It is the evidence behind the vectorisation notes in docs/benchmarks.md. CMake builds it
+// (sama_bench_cpu_loop, with the core test's flags); nothing runs it automatically.
 //
-//   c++ -Icsrc -std=c++20 -O3 -fopenmp -march=native -fno-math-errno -fno-trapping-math
+//   c++ -Icsrc -std=c++17 -O3 -fopenmp -march=native -fno-math-errno -fno-trapping-math
 //       -o /tmp/cpu_loop_bench cuda_bench/cpu_loop_bench.cpp && /tmp/cpu_loop_bench 32768 300
 //   (one line; the flags are those sama_ext/_build.py uses for the JIT build)
 //
