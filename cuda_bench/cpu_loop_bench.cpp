@@ -25,25 +25,10 @@
 using namespace sama;
 
 #ifndef ONLY_CURRENT
-// The alternative: one `#pragma omp simd reduction` over the whole chunk, the per-element arrays
-// x[kIn], y[kOut] in their own always-inlined function (GCC lowers `omp simd` before it inlines, so
-// arrays declared in the loop body become per-lane "omp simd arrays" whose strided accesses need a
-// scatter AVX2 lacks, and the loop stays scalar). It is what the repo's loop was proposed to become
-// (docs/benchmarks.md); the repo kept fixed 16-lane blocks instead, so that Σv²'s summation order
-// does not depend on the vector width the compiler picks for the machine.
-template <typename Op, typename Tin, typename Tout, typename A>
-inline __attribute__((always_inline)) A element(const Op& f, const typename Op::template Ctx<A>& c,
-                                                const Tin* const* in, Tout* const* out, int64_t i) {
-  A x[Op::kIn];
-  A y[Op::kOut];
-  for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
-  if (Op::kLoadsOut)
-    for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(out[k][i]);
-  const A r = f.apply(c, x, y);
-  for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
-  return r;
-}
-
+// The alternative: one `#pragma omp simd reduction` over the whole chunk, around the same
+// per-element function as the repo's loop (cpu_element). It is what the repo's loop was proposed
+// to become (docs/benchmarks.md); the repo kept fixed 16-lane blocks instead, so that Σv²'s
+// summation order does not depend on the vector width the compiler picks for the machine.
 template <typename Op, typename Tin, typename Tout, typename A>
 double proposed_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
                       int64_t begin, int64_t end) {
@@ -57,7 +42,7 @@ double proposed_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, con
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < len; ++i) {
-    const double r = double(element<Op, Tin, Tout, A>(f, c, in, out, i));
+    const double r = double(cpu_element<Op, Tin, Tout, A>(f, c, in, out, i));
     if (Op::kReduces) acc += r * r;
   }
   return acc;
