@@ -135,15 +135,20 @@ def _worker(args) -> dict:
            "params": sum(p.numel() for p in theta), "threads": torch.get_num_threads()}
     for _ in range(args.warmup):
         run()
-    if args.memory or (device.type == "cpu" and args.quick):
-        # CPU: one call after the warm-up, in a process of its own (--quick: in this one, with
-        # glibc's default mmap threshold, which makes the figure a rough one)
-        rss_before = _reset_peak_rss()
-        run()
-        peak = _status_bytes("VmHWM")
-        out.update(rss_before_bytes=rss_before, peak_rss_bytes=peak, peak_extra_bytes=peak - rss_before)
-        if args.memory:
-            return out
+    if args.memory:  # CPU: one call after the warm-up, in a process of its own
+        out.update(_peak_rss_of(run))
+        return out
+    if device.type == "cpu" and args.quick:
+        # the smoke test measures in the timed process, with glibc's default mmap threshold (a
+        # rough figure), and on systems without /proc/self/clear_refs from getrusage's peak
+        try:
+            out.update(_peak_rss_of(run))
+        except RuntimeError:
+            import resource
+
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            run()
+            out["peak_extra_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     if device.type == "cuda":  # the allocator's peak over one call, before the floor runs beside it
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,6 +188,14 @@ def _status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
     raise RuntimeError(f"bench_meta_step: no {field} in /proc/self/status")
+
+
+def _peak_rss_of(run) -> dict:
+    """Peak resident set of one call of run() beyond the resident set before it (Linux)."""
+    rss_before = _reset_peak_rss()
+    run()
+    peak = _status_bytes("VmHWM")
+    return dict(rss_before_bytes=rss_before, peak_rss_bytes=peak, peak_extra_bytes=peak - rss_before)
 
 
 def _reset_peak_rss() -> int:
@@ -275,7 +288,9 @@ def summarize(rows: list[dict], models: list[str], methods: list[str], bw: float
         for fast, ref in (("sama", "sama_ref"), ("sama_tp", "sama_ref_tp")):
             r, rr = by.get((model, fast)), by.get((model, ref))
             if r and rr and "overhead_ms" in r and "overhead_ms" in rr:
-                lines.append(f"| {model} | overhead {ref} / {fast} | {rr['overhead_ms'] / r['overhead_ms']:.2f}× "
+                # a non-positive overhead (noise on a compute-bound step) has no meaningful ratio
+                q = f"{rr['overhead_ms'] / r['overhead_ms']:.2f}×" if r["overhead_ms"] > 0 else "n/a"
+                lines.append(f"| {model} | overhead {ref} / {fast} | {q} "
                              f"({rr['overhead_ms']:.1f} / {r['overhead_ms']:.1f} ms) | {t_over} |")
             if r and "overhead_ms" in r:
                 lines.append(f"| {model} | overhead {fast} / minimal traffic | {r['overhead_ms'] / t_min:.2f}× | "

@@ -67,3 +67,12 @@ def test_kernel_targets_key_size_fp32_only():
         ("perturb_from_", "frac_copy_interleaved"): (0.97, True),
         ("perturb_from_", "frac_copy"): (0.64, False),
     }
+
+
+def test_meta_step_summary_nonpositive_overhead_has_no_ratio():
+    rows = [_row("compute", "sama", 99.0, 10, floor="floor_fwd", floor_median_ms=100.0, overhead_ms=-1.0,
+                 floor_ratio=0.99),
+            _row("compute", "sama_ref", 130.0, 10, floor="floor_fwd", floor_median_ms=100.0, overhead_ms=30.0,
+                 floor_ratio=1.3)]
+    text = "\n".join(bench_meta_step.summarize(rows, ["compute"], ["sama", "sama_ref"], 1e10))
+    assert "| compute | overhead sama_ref / sama | n/a (30.0 / -1.0 ms) | — |" in text
