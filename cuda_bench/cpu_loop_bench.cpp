@@ -32,10 +32,9 @@ using namespace sama;
 template <typename Op, typename Tin, typename Tout, typename A>
 double proposed_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
                       int64_t begin, int64_t end) {
-  const Tin* in[Op::kIn];
-  Tout* out[Op::kOut];
-  for (int k = 0; k < Op::kIn; ++k) in[k] = static_cast<const Tin*>(l.in[k * l.n_tensors + t]) + begin;
-  for (int k = 0; k < Op::kOut; ++k) out[k] = static_cast<Tout*>(l.out[k * l.n_tensors + t]) + begin;
+  const ChunkPointers<Op, Tin, Tout> p(l, t, begin);
+  const Tin* const* in = p.in;
+  Tout* const* out = p.out;
   const int64_t len = end - begin;
   const Op f = op;
   const auto c = ctx;
