@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sama_ext
-from sama_ext import _backend, adaptation, reference
+from sama_ext import _backend, adaptation, reference, step_record
 from optim_oracle import StepRecord, _clone_state, oracle_diagonal, stepped_optimizer
 
 # torch.func's forward AD lazily scripts its decompositions on first use, which triggers
@@ -495,7 +495,7 @@ def test_safeguard_zero_unseen(groups, backend, device):
 @pytest.mark.parametrize("n_steps,expected", [(1, 0.1), (2, 0.1 * 0.7), (5, 0.1 * 0.7)])
 def test_sgd_dampening_counts_steps(n_steps, expected, backend):
     rec = stepped_optimizer(SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.3}, [(3,)], n_steps, seed=0)
-    assert adaptation._sgd_steps[rec.params[0]] == n_steps  # counted per param
+    assert step_record.sgd_first_step(rec.params[0]) == (n_steps == 1)  # seen from the state before the step
     d = vectors_like(rec.params)
     v, _ = sama_ext.adapt(rec.optimizer, rec.params, d)
     torch.testing.assert_close(oracle_diagonal(rec)[0], torch.full((3,), expected, dtype=torch.float64))
@@ -648,7 +648,9 @@ def test_register_diagonal_custom_optimizer(monkeypatch):
     vecs = vectors_like(params)
     v, norm = sama_ext.adapt(opt, params, vecs)
     assert [len(c.params) for c in calls] == [2, 1]
-    assert calls[0].group is opt.param_groups[0] and calls[1].states[0] is opt.state[params[2]]
+    # the group as its last step used it (a snapshot), with the live params list
+    assert calls[0].group["params"] is opt.param_groups[0]["params"] and calls[0].group["lr"] == 0.1
+    assert calls[1].states[0] is opt.state[params[2]]
     assert calls[0].grads[0] is params[0].grad and calls[0].safeguard == 0
     for vi, d, lr in zip(v, vecs, [0.1, 0.1, 0.5]):
         torch.testing.assert_close(vi, 3 * lr * d)
@@ -675,18 +677,26 @@ def test_error_unknown_safeguard():
 def test_error_sgd_dampening_without_step_count(monkeypatch):
     # As if the optimiser had stepped before sama_ext's step hook was installed.
     rec = stepped_optimizer(SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.3}, [(3,)], 2, seed=0)
-    monkeypatch.setattr(adaptation, "_sgd_steps", WeakIdKeyDictionary())
+    monkeypatch.setattr(step_record, "_sgd_first", WeakIdKeyDictionary())
     with pytest.raises(RuntimeError, match=r"dampening.*import sama_ext before"):
         sama_ext.adapt(rec.optimizer, rec.params, vectors_like(rec.params))
-    # Without dampening the step count is irrelevant.
+    # Without dampening whether the step was the first is irrelevant.
     rec = stepped_optimizer(SGD, {"lr": 0.1, "momentum": 0.9}, [(3,)], 2, seed=0)
-    monkeypatch.setattr(adaptation, "_sgd_steps", WeakIdKeyDictionary())
+    monkeypatch.setattr(step_record, "_sgd_first", WeakIdKeyDictionary())
     sama_ext.adapt(rec.optimizer, rec.params, vectors_like(rec.params))
 
 
 def test_error_state_missing_for_options():
     rec = _adam_stepped()
     rec.optimizer.param_groups[0]["amsgrad"] = True  # switched on after stepping without it
+    # the step's own options are used: the diagonal is that of the step without AMSGrad
+    v, _ = sama_ext.adapt(rec.optimizer, rec.params, vectors_like(rec.params))
+    rec.optimizer.param_groups[0]["amsgrad"] = False
+    v_plain, _ = sama_ext.adapt(rec.optimizer, rec.params, vectors_like(rec.params))
+    assert all(torch.equal(a, b) for a, b in zip(v, v_plain))
+    # without a recorded step (stepped before sama_ext was imported) the live group is read
+    step_record._records.pop(rec.optimizer)
+    rec.optimizer.param_groups[0]["amsgrad"] = True
     with pytest.raises(RuntimeError, match=r"has no 'max_exp_avg_sq' in its optimiser state.*Adam\.step\(\)"):
         sama_ext.adapt(rec.optimizer, rec.params, vectors_like(rec.params))
 

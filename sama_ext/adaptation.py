@@ -12,10 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
-
-from . import ops
+from . import ops, step_record
 
 __all__ = ["adapt", "register_diagonal", "AdaptCall", "SAFEGUARDS"]
 
@@ -126,26 +123,6 @@ def _adam(call: AdaptCall) -> Tensor:
 
 register_diagonal(torch.optim.AdamW, _adam)
 
-# SGD's dampening changes the diagonal between a param's first momentum step (buffer = g,
-# undamped) and the rest, and SGD keeps no step count: count each param's steps ourselves,
-# from import on (params without a gradient are not stepped).
-_sgd_steps = WeakIdKeyDictionary()
-
-
-def _count_step(opt, args, kwargs) -> None:
-    if not isinstance(opt, torch.optim.SGD):
-        return
-    for group in opt.param_groups:
-        if group["momentum"] == 0 or group["dampening"] == 0:
-            continue  # the diagonal does not depend on the step count
-        for p in group["params"]:
-            if p.grad is not None:
-                _sgd_steps[p] = _sgd_steps.get(p, 0) + 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
 @register_diagonal(torch.optim.SGD)
 def _sgd(call: AdaptCall) -> Tensor:
     g = call.group
@@ -155,15 +132,16 @@ def _sgd(call: AdaptCall) -> Tensor:
     else:
         call.state_list("momentum_buffer")  # raises if the optimiser has not stepped
         if tau != 0:
-            counts = [_sgd_steps.get(p) for p in call.params]
-            if any(n is None for n in counts):
+            # a param's first momentum step sets the buffer to g, undamped (seen by step_record)
+            first_flags = [step_record.sgd_first_step(p) for p in call.params]
+            if any(f is None for f in first_flags):
                 raise RuntimeError(
                     "sama_ext.adapt: SGD with dampening≠0 needs to know whether a param's last step was its first "
-                    "(the momentum buffer starts as g, undamped); import sama_ext before the optimiser's first step()")
-            firsts = {n == 1 for n in counts}
+                    "(the momentum buffer starts as g, undamped); import sama_ext before the optimiser's step()")
+            firsts = set(first_flags)
             if len(firsts) == 2:  # params at their first step and others: two calls
-                first = [i for i, n in enumerate(counts) if n == 1]
-                rest = [i for i, n in enumerate(counts) if n != 1]
+                first = [i for i, f in enumerate(first_flags) if f]
+                rest = [i for i, f in enumerate(first_flags) if not f]
                 return _sgd_part(call, first, 1.0, mu, nesterov) + _sgd_part(call, rest, 1.0 - tau, mu, nesterov)
             damp = 1.0 if firsts == {True} else 1.0 - tau
         else:
@@ -261,7 +239,9 @@ def adapt_sumsq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vect
     total = None
     with torch.no_grad():
         for (gi, dev), idx in buckets.items():
-            call = AdaptCall(optimizer, optimizer.param_groups[gi], [params[i] for i in idx],
+            # the hyperparameters the last step() used, even if a scheduler changed the group since
+            group = step_record.hyperparameters(optimizer, optimizer.param_groups[gi])
+            call = AdaptCall(optimizer, group, [params[i] for i in idx],
                              [vectors[i] for i in idx], [grads[i] for i in idx], [out[i] for i in idx],
                              [optimizer.state.get(params[i], {}) for i in idx], SAFEGUARDS[safeguard])
             s = fn(call)

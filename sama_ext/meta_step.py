@@ -17,12 +17,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import math
+
 import torch
 from torch import Tensor
 
-from . import ops
-from .adaptation import adapt_sumsq
+from . import ops, step_record
+from .adaptation import SAFEGUARDS, adapt_sumsq
 from .frozen import recording
+from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
 
@@ -37,7 +40,7 @@ class MetaStepInfo:
     meta_loss: Tensor   # L_meta at θ (detached)
     eps: Tensor         # ε = α/‖v‖ (0 when skipped)
     v_norm: Tensor      # ‖v‖
-    skipped: Tensor     # bool: ‖v‖ was zero or not finite, nothing was changed
+    skipped: Tensor     # bool: ‖v‖ was zero, or ‖v‖, g⁺, g⁻ or dL_meta/dλ not finite (see meta_step)
 
 
 def _scalar_loss(value, what: str) -> Tensor:
@@ -99,13 +102,14 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
               base_loss: Callable[[], Tensor], meta_loss: Callable[[], Tensor], *, alpha: float = 1.0,
               method: str = "sama", last_grads: Sequence[Tensor] | None = None, base_update: str = "restore",
               base_module=None, meta_module=None, safeguard: str = "zero_unseen", frozen_at: str = "theta",
-              iterations: int = 5, neumann_lr: float | None = None) -> MetaStepInfo:
+              iterations: int = 5, neumann_lr: float | None = None, restore_buffers: bool = True) -> MetaStepInfo:
     """Accumulate an estimate of dL_meta/dλ into `meta_params`' `.grad` (like `backward()`).
 
     Call it after the base optimiser's `step()`, while the base params' `.grad` still hold the
-    gradient that step consumed (or pass `last_grads`). `base_loss()` must compute L_base at the
-    current θ and λ (it is evaluated at θ ± εv); wrap stop-gradient inputs that depend on θ in
-    `sama_ext.frozen`. `meta_loss()` computes L_meta at the current θ.
+    gradient that step consumed (or pass `last_grads`); an LR scheduler may have stepped in
+    between (the diagonal uses the hyperparameters of the step that produced θ). `base_loss()`
+    must compute L_base at the current θ and λ (it is evaluated at θ ± εv); wrap stop-gradient
+    inputs that depend on θ in `sama_ext.frozen`. `meta_loss()` computes L_meta at the current θ.
 
     method: "sama" (the optimiser's exact adaptation diagonal), "sama_na" (no adaptation, v = d),
     "neumann" / "cg" (implicit-differentiation baselines with `iterations` Hessian-vector
@@ -123,6 +127,14 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     huge exact diagonal but, as long as their input is still 0 in the base batch, no effect on the
     meta-gradient; they only inflate ‖v‖, shrinking ε for every other coordinate until float32
     cancellation ruins g⁻ − g⁺ (measured: docs/safeguard.md).
+    restore_buffers: put every module buffer (BatchNorm running statistics, ...) that the closures'
+    forwards touch back as it was (default); False lets the extra forwards update them.
+
+    Guarantees (README "What meta_step guarantees"): θ bit-identical afterwards with "restore" —
+    also after an exception or a KeyboardInterrupt at any moment; module buffers as before; on an
+    error λ.grad as before; a zero ‖v‖ adds only the direct dL_meta/dλ; a non-finite ‖v‖, g⁺, g⁻
+    or dL_meta/dλ changes nothing (λ.grad's values as before, θ as before even with "descend").
+    `info.skipped` says so in both cases, all without a host-device synchronisation.
     """
     if method not in METHODS:
         raise ValueError(f"sama_ext.meta_step: unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -130,8 +142,10 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         raise ValueError(f"sama_ext.meta_step: frozen_at must be 'theta' or 'theta_plus', not {frozen_at!r}")
     if base_update not in BASE_UPDATES:
         raise ValueError(f"sama_ext.meta_step: base_update must be 'restore' or 'descend', not {base_update!r}")
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ValueError(f"sama_ext.meta_step: alpha must be a positive float, got {alpha!r}")
+    if safeguard not in SAFEGUARDS:
+        raise ValueError(f"sama_ext.meta_step: safeguard must be one of {sorted(SAFEGUARDS)}, not {safeguard!r}")
+    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"sama_ext.meta_step: alpha must be a positive finite float, got {alpha!r}")
     distributed = base_module is not None or meta_module is not None
     if distributed:
         from . import distributed as ddp
@@ -145,21 +159,28 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
             raise NotImplementedError(f"sama_ext.meta_step: method={method!r} is single-process only")
     if {id(p) for p in theta} & {id(q) for q in lam}:
         raise ValueError("sama_ext.meta_step: base_params and meta_params overlap")
+    check_disjoint(theta + lam, [f"base_params[{i}]" for i in range(len(theta))]
+                   + [f"meta_params[{i}]" for i in range(len(lam))])
     managed = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
     stray = [i for i, p in enumerate(theta) if id(p) not in managed]
     if stray:
         raise ValueError(f"sama_ext.meta_step: base_params {stray[:5]} are not managed by the given "
                          f"{type(base_optimizer).__name__}; pass the optimiser that trains them")
+    stepped = list(range(len(theta)))  # params the last step updated (the others have v = 0)
     if last_grads is None:
-        missing = [i for i, p in enumerate(theta) if p.grad is None]
-        if missing and method == "sama":  # only the adaptation diagonal needs the last gradient
-            raise RuntimeError(
-                f"sama_ext.meta_step: base_params {missing[:5]} have no .grad; call meta_step right after "
-                "base_optimizer.step() and before zero_grad(), or pass last_grads=")
+        if method == "sama":  # only the adaptation diagonal needs the consumed gradient
+            last_grads, stepped = _consumed_gradients(base_optimizer, theta)
     else:
         last_grads = list(last_grads)
         if len(last_grads) != len(theta):
             raise ValueError(f"sama_ext.meta_step: {len(last_grads)} last_grads for {len(theta)} trainable base params")
+    if last_grads is not None:
+        sparse = [i for i in stepped if last_grads[i] is not None and last_grads[i].layout != torch.strided]
+        if sparse:
+            raise NotImplementedError(
+                f"sama_ext.meta_step: the gradient of base_params {sparse[:5]} is sparse ({last_grads[sparse[0]].layout}); "
+                "sparse gradients are not supported by the adaptation diagonal (use a dense embedding "
+                "gradient, or method='sama_na')")
 
     if method in ("neumann", "cg"):
         from .baselines import implicit_meta_step
@@ -170,87 +191,167 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     def local():  # passes that must not communicate (no DDP reducer armed)
         return ddp.local_passes(base_module, meta_module) if distributed else nullcontext()
 
-    # 1. meta gradient at θ (and λ's direct gradient, if L_meta depends on λ)
-    with torch.enable_grad(), local():
-        lm = _scalar_loss(meta_loss(), "meta_loss")
-        grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
-    d = [_in_layout_of(g, p) if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(theta)], theta)]
-    direct = grads[len(theta):]
-
-    # 2-3. v (in place in d) and ε
-    if method == "sama":
-        v, sumsq = adapt_sumsq(base_optimizer, theta, d, grads=last_grads, out=d, safeguard=safeguard)
-    else:
-        v = d
-        sumsq = ops.const_adapt(d, d, lr=1.0, factor=1.0)  # Σd², one pass
-    dev = theta[0].device
-    norm = sumsq.to(dev).sqrt()
-    ok = torch.isfinite(norm) & (norm > 0)
-    eps = torch.where(ok, alpha / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-
-    # 4-6. central difference with an exact restore
-    backup = [torch.empty_like(p) for p in theta]
-    saved = False
-    rng = _rng_states({p.device for p in theta + lam})
+    buffers = BufferGuard() if restore_buffers else None
+    backup: list[Tensor] = []
+    saved = False   # θ was perturbed: the backup holds θ and must be copied back on any exit
+    done = False
     try:
-        with recording() as rec:
-            if frozen_at == "theta":  # record frozen() inputs at θ itself (no graph needed)
-                with torch.no_grad(), local():
-                    base_loss()
-                rec.replay()
-                _set_rng_states(rng)  # same dropout masks etc. in every evaluation
-            ops.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
-            saved = True
-            with local():
-                g_plus = _meta_grads(base_loss, lam)
-            rec.replay()
-            _set_rng_states(rng)
-            ops.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
-            if meta_module is None:
-                with local():
-                    g_minus = _meta_grads(base_loss, lam)
-            else:
-                # λ's direct gradient joins λ.grad first, so that it is averaged over ranks too.
-                for q, g in zip(lam, direct):
-                    if g is not None:
-                        _accumulate(q, g)
-                direct = [None] * len(lam)
-                # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
-                # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
-                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
-                    with torch.enable_grad():
-                        _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
-            rec.check_consumed()
-    except BaseException:
-        if saved:
-            with torch.no_grad():
-                torch._foreach_copy_(theta, backup)
-        raise
-    if base_update == "restore":
-        with torch.no_grad():
-            torch._foreach_copy_(theta, backup)
-    elif distributed:
-        # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
-        ddp.sync_params(theta, (base_module or meta_module).process_group)
-    # "descend": θ is already θ − εv (θ itself when the step was skipped)
-    if meta_module is not None:
-        return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+        with buffers.watch() if buffers is not None else nullcontext():
+            # 1. meta gradient at θ (and λ's direct gradient, if L_meta depends on λ)
+            with torch.enable_grad(), local():
+                lm = _scalar_loss(meta_loss(), "meta_loss")
+                grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
+            d = [_in_layout_of(_dense(g), p) if g is not None else torch.zeros_like(p)
+                 for g, p in zip(grads[:len(theta)], theta)]
+            direct = grads[len(theta):]
 
-    for q, g in zip(lam, direct):
-        if g is not None:
-            _accumulate(q, g)
-    used = [i for i, (a, b) in enumerate(zip(g_plus, g_minus)) if a is not None or b is not None]
-    for q in (lam[i] for i in used):
-        if q.grad is None:
-            q.grad = torch.zeros_like(q)
-    out = [lam[i].grad for i in used]
-    ops.combine_(out,
-                 [_in_layout_of(g_minus[i], o) if g_minus[i] is not None else torch.zeros_like(o)
-                  for i, o in zip(used, out)],
-                 [_in_layout_of(g_plus[i], o) if g_plus[i] is not None else torch.zeros_like(o)
-                  for i, o in zip(used, out)],
-                 eps, 1.0, True)
-    return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+            # 2-3. v (in place in d) and ε
+            if method == "sama":
+                if stepped:
+                    _, sumsq = adapt_sumsq(base_optimizer, [theta[i] for i in stepped], [d[i] for i in stepped],
+                                           grads=[last_grads[i] for i in stepped], out=[d[i] for i in stepped],
+                                           safeguard=safeguard)
+                else:
+                    sumsq = torch.zeros((), dtype=torch.float64, device=theta[0].device)
+                if len(stepped) < len(theta):
+                    torch._foreach_zero_([d[i] for i in set(range(len(theta))) - set(stepped)])
+                v = d
+            else:
+                v = d
+                sumsq = ops.const_adapt(d, d, lr=1.0, factor=1.0)  # Σd², one pass
+            dev = theta[0].device
+            norm = sumsq.to(dev).sqrt()
+            ok = torch.isfinite(norm) & (norm > 0)
+            eps = torch.where(ok, alpha / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+
+            # 4-5. central difference; θ is restored on every exit (below)
+            backup = [torch.empty_like(p) for p in theta]
+            rng = _rng_states({p.device for p in theta + lam})
+            with recording() as rec:
+                if frozen_at == "theta":  # record frozen() inputs at θ itself (no graph needed)
+                    with torch.no_grad(), local():
+                        base_loss()
+                    rec.replay()
+                    _set_rng_states(rng)  # same dropout masks etc. in every evaluation
+                with signals_deferred():  # "θ perturbed" and "backup valid" become true together
+                    ops.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
+                    saved = True
+                with local():
+                    g_plus = _meta_grads(base_loss, lam)
+                rec.replay()
+                _set_rng_states(rng)
+                ops.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
+                if meta_module is None:
+                    with local():
+                        g_minus = _meta_grads(base_loss, lam)
+                else:
+                    # λ's direct gradient joins λ.grad first, so that it is averaged over ranks too.
+                    for q, g in zip(lam, direct):
+                        if g is not None:
+                            _accumulate(q, g)
+                    direct = [None] * len(lam)
+                    # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
+                    # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
+                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
+                        with torch.enable_grad():
+                            _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
+                rec.check_consumed()
+
+        if meta_module is not None:
+            with signals_deferred():
+                _finish_theta(theta, backup, v, eps, base_update)
+                if buffers is not None:
+                    buffers.restore()
+                done = True
+            if base_update == "descend":
+                # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
+                ddp.sync_params(theta, (base_module or meta_module).process_group)
+            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+
+        # A non-finite g±, or dL_meta/dλ, makes the whole step a no-op (decided on the device).
+        finite = _all_finite([*g_plus, *g_minus, *direct], dev)
+        used = [i for i, (a, b) in enumerate(zip(g_plus, g_minus)) if a is not None or b is not None]
+        eps_used = torch.where(finite, eps, torch.zeros_like(eps))
+        with signals_deferred():  # θ, buffers and λ.grad are settled together
+            _finish_theta(theta, backup, v, eps_used, base_update)
+            if buffers is not None:
+                buffers.restore()
+            for q, g in zip(lam, direct):
+                if g is not None:
+                    _accumulate(q, torch.where(finite, g, torch.zeros_like(g)))
+            for q in (lam[i] for i in used):
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+            out = [lam[i].grad for i in used]
+            ops.combine_(out,
+                         [_in_layout_of(g_minus[i], o) if g_minus[i] is not None else torch.zeros_like(o)
+                          for i, o in zip(used, out)],
+                         [_in_layout_of(g_plus[i], o) if g_plus[i] is not None else torch.zeros_like(o)
+                          for i, o in zip(used, out)],
+                         eps_used, 1.0, True)
+            done = True
+        return MetaStepInfo(meta_loss=lm.detach(), eps=eps_used, v_norm=norm, skipped=~(ok & finite))
+    finally:
+        if not done:
+            with signals_deferred():
+                if saved:
+                    with torch.no_grad():
+                        torch._foreach_copy_(theta, backup)
+                if buffers is not None:
+                    buffers.restore()
+
+
+def _finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:
+    """θ back to the backup ("restore"), or θ − εv with one rounding from it ("descend"; eps = 0
+    for a step that turned out invalid leaves θ as it was)."""
+    with torch.no_grad():
+        if base_update == "restore":
+            torch._foreach_copy_(theta, backup)
+        else:
+            ops.perturb_from_(theta, backup, v, -eps)
+
+
+def _all_finite(tensors, device) -> Tensor:
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _dense(g: Tensor) -> Tensor:
+    return g.to_dense() if g.layout != torch.strided else g
+
+
+def _consumed_gradients(opt: torch.optim.Optimizer, theta: list[Tensor]) -> tuple[list, list[int]]:
+    """The gradients the last step() consumed, and the indices of the params it updated."""
+    grads, stepped, gone, changed = [], [], [], []
+    for i, p in enumerate(theta):
+        got = step_record.consumed_gradient(opt, p)
+        if got is step_record.NOT_STEPPED:  # no gradient at the step: θ_i did not move, v_i = 0
+            grads.append(None)
+            continue
+        if got is step_record.UNKNOWN:  # no step seen since import: trust .grad
+            got = p.grad
+            if got is None:
+                gone.append(i)
+        elif got is step_record.GONE:
+            gone.append(i)
+        elif got is step_record.CHANGED:
+            changed.append(i)
+        grads.append(got)
+        stepped.append(i)
+    if gone:
+        raise RuntimeError(
+            f"sama_ext.meta_step: base_params {gone[:5]} have no .grad; call meta_step right after "
+            "base_optimizer.step() and before zero_grad(), or pass last_grads=")
+    if changed:
+        raise RuntimeError(
+            f"sama_ext.meta_step: the .grad of base_params {changed[:5]} is not the gradient the last "
+            f"{type(opt).__name__}.step() consumed (it was zeroed — zero_grad(set_to_none=False) — recomputed by "
+            "another backward, or edited in place after the step; or the step was skipped, e.g. by "
+            "torch.amp.GradScaler on inf/NaN). Call meta_step right after step() and skip it when the base step "
+            "was skipped, or pass last_grads= (the gradient the step consumed).")
+    return grads, stepped
 
 
 def _meta_grads(base_loss: Callable[[], Tensor], lam: list[Tensor]) -> tuple:
