@@ -25,7 +25,7 @@ SAFEGUARDS = {"none": 0, "zero_unseen": 1}
 class AdaptCall:
     """One param group's share of an adapt() call, handed to a diagonal function."""
     optimizer: torch.optim.Optimizer
-    group: dict
+    group: dict               # the param group's hyperparameters as its last step() used them (a copy)
     params: list[Tensor]
     vectors: list[Tensor]     # d
     grads: list[Tensor]       # the gradient the last step() consumed
@@ -257,7 +257,9 @@ def adapt(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], vectors: S
 
     Returns (v, norm): v in new tensors unless `out` is given (out=vectors works in place), norm a
     0-dim float32 tensor on the params' device. `grads` defaults to each param's .grad, which must
-    be the gradient the optimiser consumed in its last step(). No host-device synchronisation.
+    be the gradient the optimiser consumed in its last step(). The hyperparameters are those that
+    step used (recorded by a step hook, so a scheduler stepped since does not matter; steps taken
+    before `import sama_ext` fall back to the live param groups). No host-device synchronisation.
     Coupled weight decay enters through θ before the step, which step() overwrote: it is
     recovered exactly from the post-step state (the update undone), so the diagonal is exact
     there too."""

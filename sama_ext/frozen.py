@@ -23,13 +23,16 @@ from torch import Tensor
 __all__ = ["frozen"]
 
 _state = threading.local()
-_active_lock = threading.Lock()
-_active: dict[int, str] = {}  # thread id -> thread name, for threads inside a meta step
+# thread id -> (thread name, its recorder), for threads inside a meta step. No lock: single dict
+# operations are atomic under the GIL, and a lock held when an interrupt lands would deadlock.
+_active: dict = {}
 
 
 def frozen(x: Tensor) -> Tensor:
     """`x.detach()`, held at one value across the two perturbed evaluations of a meta step."""
     rec = getattr(_state, "recorder", None)
+    while rec is not None and rec.closed:  # its meta step ended (an interrupt skipped the reset)
+        rec = _state.recorder = rec.prev
     if rec is None:
         if _active:
             _refuse_other_thread()
@@ -38,8 +41,11 @@ def frozen(x: Tensor) -> Tensor:
 
 
 def _refuse_other_thread() -> None:
-    with _active_lock:
-        others = [f"{name!r}" for tid, name in _active.items() if tid != threading.get_ident()]
+    live = list(_active.items())
+    for tid, (_, rec) in live:
+        if rec.closed:  # left behind by an interrupted exit
+            _active.pop(tid, None)
+    others = [f"{name!r}" for tid, (name, rec) in live if tid != threading.get_ident() and not rec.closed]
     if others:
         raise RuntimeError(
             f"sama_ext.frozen: called from thread {threading.current_thread().name!r} while a meta step runs in "
@@ -57,11 +63,13 @@ def _in_backward() -> bool:
 
 
 class _Recorder:
-    def __init__(self) -> None:
+    def __init__(self, prev: "_Recorder | None" = None) -> None:
+        self.prev = prev
         self.values: list[Tensor] = []
         self.sites: list[tuple[str, int]] = []
         self.replaying = False
         self.pos = 0
+        self.closed = False
 
     def take(self, x: Tensor, site: tuple[str, int]) -> Tensor:
         if _in_backward():
@@ -106,20 +114,30 @@ class _Recorder:
                 f"{self.pos} in a later evaluation; the closure must make the same frozen() calls each time")
 
 
+def current_recorder():
+    return getattr(_state, "recorder", None)
+
+
+def reset_recorder(rec) -> None:
+    """Put back the recorder a meta step found (after an interrupt inside recording()'s exit)."""
+    _state.recorder = rec
+
+
 @contextmanager
 def recording():
     """Active during a meta step's evaluations of base_loss (record, then replay)."""
     prev = getattr(_state, "recorder", None)
-    rec = _Recorder()
+    rec = _Recorder(prev)
     _state.recorder = rec
     tid = threading.get_ident()
-    with _active_lock:
-        outer = tid in _active
-        _active[tid] = threading.current_thread().name
+    outer = _active.get(tid)
+    _active[tid] = (threading.current_thread().name, rec)
     try:
         yield rec
     finally:
+        rec.closed = True
         _state.recorder = prev
-        if not outer:
-            with _active_lock:
-                _active.pop(tid, None)
+        if outer is not None:
+            _active[tid] = outer
+        else:
+            _active.pop(tid, None)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import ops, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
-from .frozen import recording
+from .frozen import current_recorder, recording, reset_recorder
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
@@ -62,6 +62,10 @@ def _trainable(params, what: str) -> list[Tensor]:
     out = [p for p in params if p.requires_grad]
     if not out:
         raise ValueError(f"sama_ext.meta_step: no {what} with requires_grad=True")
+    cplx = [i for i, p in enumerate(out) if p.is_complex()]
+    if cplx:
+        raise TypeError(f"sama_ext.meta_step: {what} {cplx[:5]} are complex ({out[cplx[0]].dtype}); complex parameters "
+                        "are not supported (split them into real and imaginary parts, e.g. torch.view_as_real)")
     seen = set()
     for p in out:
         if id(p) in seen:
@@ -181,6 +185,10 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 f"sama_ext.meta_step: the gradient of base_params {sparse[:5]} is sparse ({last_grads[sparse[0]].layout}); "
                 "sparse gradients are not supported by the adaptation diagonal (use a dense embedding "
                 "gradient, or method='sama_na')")
+        # the kernels read a gradient as flat memory in its param's layout
+        last_grads = [_in_layout_of(g, p) if isinstance(g, Tensor) and g.layout == torch.strided
+                      and (g.shape, g.dtype, g.device) == (p.shape, p.dtype, p.device) else g
+                      for g, p in zip(last_grads, theta)]
 
     if method in ("neumann", "cg"):
         from .baselines import implicit_meta_step
@@ -192,6 +200,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         return ddp.local_passes(base_module, meta_module) if distributed else nullcontext()
 
     buffers = BufferGuard() if restore_buffers else None
+    grad_mode, recorder = torch.is_grad_enabled(), current_recorder()  # put back on every exit
     backup: list[Tensor] = []
     saved = False   # θ was perturbed: the backup holds θ and must be copied back on any exit
     done = False
@@ -292,6 +301,9 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
             done = True
         return MetaStepInfo(meta_loss=lm.detach(), eps=eps_used, v_norm=norm, skipped=~(ok & finite))
     finally:
+        # an interrupt inside a context manager's exit (no_grad, recording) could skip its reset
+        torch.set_grad_enabled(grad_mode)
+        reset_recorder(recorder)
         if not done:
             with signals_deferred():
                 if saved:

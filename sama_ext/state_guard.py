@@ -71,8 +71,13 @@ class BufferGuard:
     def __init__(self) -> None:
         self._thread = threading.get_ident()
         self._saved: dict[int, tuple[torch.nn.Module, list]] = {}
+        self._active = False
+        self._handle = None
 
     def _first_call(self, module: torch.nn.Module, args) -> None:
+        if not self._active:  # watch() ended but an interrupt skipped the removal: remove now
+            self._handle.remove()
+            return
         if threading.get_ident() != self._thread or id(module) in self._saved:
             return
         with torch.no_grad():
@@ -81,11 +86,13 @@ class BufferGuard:
 
     @contextmanager
     def watch(self):
-        handle = register_module_forward_pre_hook(self._first_call)
+        self._active = True
+        self._handle = register_module_forward_pre_hook(self._first_call)
         try:
             yield self
         finally:
-            handle.remove()
+            self._active = False
+            self._handle.remove()
 
     def restore(self) -> None:
         with torch.no_grad():
