@@ -7,6 +7,8 @@ and kept independent of the C++ functors (same formulas, separate code). Signatu
 """
 from __future__ import annotations
 
+import math
+import struct
 from typing import Sequence
 
 import torch
@@ -23,8 +25,11 @@ def _math(x: Tensor) -> Tensor:
 
 
 def _scalar(x, like: Tensor):
-    """A Python float stays one; a tensor moves to the math dtype/device (no host read)."""
+    """A Python float stays one; a tensor moves to the math dtype/device (no host read), except a
+    CPU tensor given with tensors elsewhere: host memory, read as a float (as sama_ext.ops does)."""
     if isinstance(x, Tensor):
+        if x.device.type == "cpu" and like.device.type != "cpu":
+            return float(x)
         return x.to(device=like.device, dtype=like.dtype)
     return float(x)
 
@@ -32,7 +37,7 @@ def _scalar(x, like: Tensor):
 def _sumsq(vs: Sequence[Tensor], device) -> Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for v in vs:
-        total = total + v.double().square().sum()
+        total = total + v.double().square().sum().to(device)
     return total
 
 
@@ -139,6 +144,17 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
     return _finish(vs, out)
 
 
+def _round_host(s: float, dtype: torch.dtype) -> float:
+    """A Python float rounded to float32 as a C cast does (nearest even, inf past the range),
+    without making a tensor of it."""
+    if dtype == torch.float64:
+        return s
+    try:
+        return struct.unpack("f", struct.pack("f", s))[0]
+    except OverflowError:
+        return math.copysign(math.inf, s)
+
+
 def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
     """x + scale·v rounded once to x's dtype (as the fused kernel's fma): the scale is taken in the
     math dtype, the product and sum in float64 (exact for float32 operands up to one final rounding)."""
@@ -149,7 +165,7 @@ def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
         return torch.where(s == 0, xm, y)  # zero scale leaves x as it is, even where v is not finite
     if s == 0:
         return xm
-    s = float(torch.tensor(s, dtype=xm.dtype))
+    s = _round_host(s, xm.dtype)
     return (xm.double() + s * _math(v).double()).to(xm.dtype)
 
 
