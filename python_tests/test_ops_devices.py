@@ -263,19 +263,37 @@ def test_other_ops_over_two_devices(monkeypatch):
     torch.testing.assert_close(got[1], want[1], rtol=1e-13, atol=0)
 
 
-@compiled_only
 def test_every_device_is_checked_before_any_launch(monkeypatch):
     """The second device's call is invalid (dtype mismatch): nothing is written on the first."""
     p = [torch.zeros(4), torch.zeros(3)]
     v = [torch.ones(4), torch.ones(3, dtype=torch.float64)]
     with _two_fake_devices(monkeypatch, [p[1]]):
-        with pytest.raises(RuntimeError, match=r"perturb_: 'vectors'\[0\] is Double but 'params'\[0\] is Float"):
+        with pytest.raises(RuntimeError, match=r"perturb_: 'vectors'\[0\] is (Double|float64) but 'params'\[0\] is "
+                                               r"(Float|float32)"):
             ops.perturb_(p, v, 1.0)
     assert torch.equal(p[0], torch.zeros(4)), "the first device's tensors were written before the error"
 
 
+def test_torch_backend_checks_before_writing():
+    """The reference path (SAMA_EXT_BACKEND=torch) checks a whole call before its first write,
+    with the compiled op's errors."""
+    p, v = [torch.zeros(4), torch.zeros(3)], [torch.ones(4), torch.ones(2)]
+    with pytest.raises(RuntimeError, match=r"perturb_: 'vectors'\[1\] has shape \[2\] but 'params'\[1\] has shape"):
+        ops.perturb_(p, v, 1.0)
+    with pytest.raises(RuntimeError, match="same length"):
+        ops.perturb_(p, v[:1], 1.0)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.perturb_([torch.zeros(2, dtype=torch.int32)], [torch.zeros(2, dtype=torch.int32)], 1.0)
+    with pytest.raises(RuntimeError, match="coupled weight_decay"):
+        ops.adam_adapt(v, v, v, v, [], [], p, lr=1e-3, step=1.0, weight_decay=0.1, **ADAM)
+    with pytest.raises(ValueError, match="got 1 steps for 2 tensors"):
+        ops.adam_adapt(v, v, v, v, [], [], [x.clone() for x in v], lr=1e-3, step=[1.0], **ADAM)
+    with pytest.raises(ValueError, match="combine_: eps must be a one-element tensor"):
+        ops.combine_(p, p, p, torch.ones(2))
+    assert all(torch.equal(x, torch.zeros_like(x)) for x in p)
+
+
 # ----------------------------------------------------------------------------- checks before launch
-@compiled_only
 def test_unsupported_dtype_pair_in_combine_writes_nothing():
     """out[0] (float32 from float32) is valid, out[1] (float32 from bfloat16) is not: the call
     must fail before the first group runs."""
@@ -304,8 +322,15 @@ def test_error_messages_name_the_scalar():
     with pytest.raises(RuntimeError, match="adagrad_adapt: per-tensor step has 2 entries but 'd' has 1 tensors"):
         torch.ops.sama_ext.adagrad_adapt([a], [a], [a.abs()], [], [a.clone()], 0.1, None, 1.0, None, 0.0, 1e-10,
                                          0.0, False, 0, [1.0, 2.0])
+
+
+def test_python_errors_name_the_scalar():
+    a = torch.randn(4)
+    two = torch.ones(2, dtype=torch.float64)
     with pytest.raises(ValueError, match="perturb_: scale must be a float or a one-element tensor"):
-        ops.perturb_([a], [a], two)
+        ops.perturb_([a.clone()], [a], two)
+    with pytest.raises(ValueError, match="const_adapt: lr must be a float or a one-element tensor"):
+        ops.const_adapt([a], [a.clone()], lr=two, factor=1.0)
     with pytest.raises(ValueError, match=r"adam_adapt: step\[1\] must be a float or a one-element tensor"):
         ops.adam_adapt([a, a], [a, a], [a, a], [a.abs()] * 2, [], [], [a.clone(), a.clone()], lr=1e-3,
                        step=[1.0, two], **ADAM)

@@ -52,15 +52,19 @@ def _by_device(op: str, lists: dict, optional: Sequence[str] = ()) -> list[tuple
         n = len(lists[name])
         if n != len(main) and not (n == 0 and name in optional):
             raise RuntimeError(f"sama_ext.{op}: '{name}' has {n} entries but '{main_name}' has {len(main)}; "
-                             "all lists must have the same length")
+                               "all lists must have the same length")
+    try:
+        keys = {_device_of(t) for t in main}  # one device, the common case: no index lists
+    except AttributeError:
+        keys = None
+    if keys is not None and len(keys) == 1:
+        (key,) = keys
+        return [(key, {name: list(lists[name]) for name in names})]
     index: dict = {}
     for i, t in enumerate(main):
         if not isinstance(t, Tensor):
             raise TypeError(f"sama_ext.{op}: '{main_name}'[{i}] is {type(t).__name__}, expected a Tensor")
         index.setdefault(_device_of(t), []).append(i)
-    if len(index) == 1:
-        (key, _), = index.items()
-        return [(key, {name: list(lists[name]) for name in names})]
     return [(key, {name: [lists[name][i] for i in idx] if len(lists[name]) else [] for name in names})
             for key, idx in index.items()]
 
@@ -79,11 +83,15 @@ def _sum_in_order(parts: list[Tensor]) -> Tensor:
 
 
 def _run(op: str, groups: list[tuple[object, dict]], op_args: Callable[[dict], tuple],
-         ref_call: Callable[[dict], Tensor | None], reduce: bool):
+         ref_call: Callable[[Callable, dict], Tensor | None], reduce: bool):
     """One call per device group: every group's arguments are prepared and checked before the
-    first launch, so an invalid input never leaves another device's tensors half updated."""
+    first launch, so an invalid input never leaves another device's tensors half updated.
+    `ref_call(fn, group)` calls fn with the reference's arguments (fn: the reference op, or its
+    check_<op>)."""
     if not _compiled():
-        parts = [ref_call(sub) for _, sub in groups]
+        for _, sub in groups:
+            ref_call(getattr(reference, "check_" + op), sub)
+        parts = [ref_call(getattr(reference, op), sub) for _, sub in groups]
         return _sum_in_order(parts) if reduce else None
     for _, sub in groups:
         check_device(_device_of_group(sub))
@@ -123,6 +131,10 @@ def _steps(op: str, step, n: int, device) -> tuple[float, Tensor | None, list[fl
     on_device: list[Tensor | None] = []
     for i, s in enumerate(step):
         if isinstance(s, Tensor):
+            if s.device == device and s.dim() == 0:  # the common case (capturable Adam), kept cheap
+                host.append(1.0)
+                on_device.append(s)
+                continue
             v, t = _scalar(op, f"step[{i}]", s, device)
             host.append(v)
             on_device.append(None if t is None else t.reshape(()))
@@ -147,6 +159,8 @@ def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr
     lists = dict(d=d, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq,
                  params=params, out=out)
     if isinstance(step, (list, tuple)):
+        if len(step) != len(d):
+            raise ValueError(f"sama_ext.adam_adapt: got {len(step)} steps for {len(d)} tensors")
         lists["step"] = step
     groups = _by_device("adam_adapt", lists, optional=("max_exp_avg_sq", "params"))
 
@@ -158,11 +172,10 @@ def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr
                 lr_v, lr_t, st_v, st_t, float(beta1), float(beta2), float(eps), float(weight_decay),
                 bool(maximize), int(safeguard), st_host)
 
-    def ref_call(g):
-        return reference.adam_adapt(g["d"], g["grads"], g["exp_avg"], g["exp_avg_sq"], g["max_exp_avg_sq"],
-                                    g["params"], g["out"], lr=lr, step=g.get("step", step), beta1=beta1,
-                                    beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                                    safeguard=safeguard)
+    def ref_call(fn, g):
+        return fn(g["d"], g["grads"], g["exp_avg"], g["exp_avg_sq"], g["max_exp_avg_sq"],
+                  g["params"], g["out"], lr=lr, step=g.get("step", step), beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
 
     return _run("adam_adapt", groups, op_args, ref_call, reduce=True)
 
@@ -176,7 +189,7 @@ def const_adapt(d, out, *, lr, factor) -> Tensor:
         return g["d"], g["out"], lr_v, lr_t, float(factor)
 
     return _run("const_adapt", groups, op_args,
-                lambda g: reference.const_adapt(g["d"], g["out"], lr=lr, factor=factor), reduce=True)
+                lambda fn, g: fn(g["d"], g["out"], lr=lr, factor=factor), reduce=True)
 
 
 def rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, *, lr, alpha, eps,
@@ -192,10 +205,9 @@ def rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, 
         return (g["d"], g["grads"], g["square_avg"], g["grad_avg"], g["params"], g["momentum_buffer"], g["out"],
                 lr_v, lr_t, float(alpha), float(eps), float(weight_decay), bool(maximize), int(safeguard))
 
-    def ref_call(g):
-        return reference.rmsprop_adapt(g["d"], g["grads"], g["square_avg"], g["grad_avg"], g["params"],
-                                       g["momentum_buffer"], g["out"], lr=lr, alpha=alpha, eps=eps,
-                                       weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
+    def ref_call(fn, g):
+        return fn(g["d"], g["grads"], g["square_avg"], g["grad_avg"], g["params"], g["momentum_buffer"], g["out"],
+                  lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
 
     return _run("rmsprop_adapt", groups, op_args, ref_call, reduce=True)
 
@@ -205,6 +217,8 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
     """out = s·du/dg·d for Adagrad; returns Σ out². `step` as for adam_adapt."""
     lists = dict(d=d, grads=grads, state_sum=state_sum, params=params, out=out)
     if isinstance(step, (list, tuple)):
+        if len(step) != len(d):
+            raise ValueError(f"sama_ext.adagrad_adapt: got {len(step)} steps for {len(d)} tensors")
         lists["step"] = step
     groups = _by_device("adagrad_adapt", lists, optional=("params",))
 
@@ -215,10 +229,9 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
         return (g["d"], g["grads"], g["state_sum"], g["params"], g["out"], lr_v, lr_t, st_v, st_t,
                 float(lr_decay), float(eps), float(weight_decay), bool(maximize), int(safeguard), st_host)
 
-    def ref_call(g):
-        return reference.adagrad_adapt(g["d"], g["grads"], g["state_sum"], g["params"], g["out"], lr=lr,
-                                       step=g.get("step", step), lr_decay=lr_decay, eps=eps,
-                                       weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
+    def ref_call(fn, g):
+        return fn(g["d"], g["grads"], g["state_sum"], g["params"], g["out"], lr=lr, step=g.get("step", step),
+                  lr_decay=lr_decay, eps=eps, weight_decay=weight_decay, maximize=maximize, safeguard=safeguard)
 
     return _run("adagrad_adapt", groups, op_args, ref_call, reduce=True)
 
@@ -233,7 +246,7 @@ def perturb_(params: Sequence[Tensor], vectors: Sequence[Tensor], scale) -> None
     def op_args(g):
         return (g["params"], g["vectors"], *_scalar("perturb_", "scale", scale, _device_of_group(g)))
 
-    _run("perturb_", groups, op_args, lambda g: reference.perturb_(g["params"], g["vectors"], scale), reduce=False)
+    _run("perturb_", groups, op_args, lambda fn, g: fn(g["params"], g["vectors"], scale), reduce=False)
 
 
 def perturb_from_(params, sources, vectors, scale) -> None:
@@ -247,7 +260,7 @@ def perturb_from_(params, sources, vectors, scale) -> None:
                                                                    _device_of_group(g)))
 
     _run("perturb_from_", groups, op_args,
-         lambda g: reference.perturb_from_(g["params"], g["sources"], g["vectors"], scale), reduce=False)
+         lambda fn, g: fn(g["params"], g["sources"], g["vectors"], scale), reduce=False)
 
 
 def perturb_save_(params, vectors, backups, scale) -> None:
@@ -261,7 +274,7 @@ def perturb_save_(params, vectors, backups, scale) -> None:
                                                                    _device_of_group(g)))
 
     _run("perturb_save_", groups, op_args,
-         lambda g: reference.perturb_save_(g["params"], g["vectors"], g["backups"], scale), reduce=False)
+         lambda fn, g: fn(g["params"], g["vectors"], g["backups"], scale), reduce=False)
 
 
 def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: bool = False) -> None:
@@ -280,4 +293,4 @@ def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: 
                 bool(accumulate))
 
     _run("combine_", groups, op_args,
-         lambda g: reference.combine_(g["out"], g["g_minus"], g["g_plus"], eps, scale, accumulate), reduce=False)
+         lambda fn, g: fn(g["out"], g["g_minus"], g["g_plus"], eps, scale, accumulate), reduce=False)
