@@ -157,8 +157,32 @@ def test_opcheck_with_per_tensor_steps(case):
                           (d, g, q, [], out, 0.1, None, 1.0, dev, 0.01, 1e-10, 0.0, False, 0, host))
 
 
+@compiled_only
+def test_per_tensor_steps_under_torch_compile_fullgraph():
+    """The wrappers' step handling traces without graph breaks (host and device steps)."""
+    d, g, m, q = _adam_case([(4,), (2, 3), (5,)], dtype=torch.float32, seed=41)
+    dev_steps = [torch.tensor(2.0), torch.tensor(7.0), torch.tensor(7.0)]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(d, g, m, q, dev_steps):
+        out_h = [torch.empty_like(x) for x in d]
+        out_d = [torch.empty_like(x) for x in d]
+        s_h = ops.adam_adapt(d, g, m, q, [], [], out_h, lr=1e-3, step=[2.0, 7.0, 3.0], **ADAM)
+        s_d = ops.adam_adapt(d, g, m, q, [], [], out_d, lr=1e-3, step=dev_steps, **ADAM)
+        return out_h, out_d, s_h, s_d
+
+    out_h, out_d, s_h, s_d = step(d, g, m, q, dev_steps)
+    for out, s, steps in ((out_h, s_h, [2.0, 7.0, 3.0]), (out_d, s_d, [2.0, 7.0, 7.0])):
+        want, total = _per_tensor_oracle(reference.adam_adapt, 3, lambda i: steps[i], d, g, m, q, [], [], lr=1e-3,
+                                         **ADAM)
+        for a, b in zip(out, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(s, total, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- several devices
-def test_by_device_groups_in_order_of_first_appearance():
+def test_by_device_groups_in_order_of_first_appearance(monkeypatch):
+    monkeypatch.setattr(ops, "_device_of", lambda t: t.device)  # tell CPU from meta (both index -1)
     a, b, c = torch.ones(2), torch.ones(3, device="meta"), torch.ones(4)
     e = torch.ones(5, device="meta")
     groups = ops._by_device("op", dict(x=[a, b, c, e], y=["ya", "yb", "yc", "ye"], opt=[]), optional=("opt",))
@@ -180,7 +204,7 @@ def _two_fake_devices(monkeypatch, second, third=()):
     label = {id(t): "fake:1" for t in second}
     label.update({id(t): "fake:2" for t in third})
     with monkeypatch.context() as mp:
-        mp.setattr(ops, "_device_of", lambda t: label.get(id(t), t.device))
+        mp.setattr(ops, "_device_of", lambda t: label.get(id(t), t.get_device()))
         yield
 
 
