@@ -186,10 +186,11 @@ def test_by_device_groups_in_order_of_first_appearance(monkeypatch):
     a, b, c = torch.ones(2), torch.ones(3, device="meta"), torch.ones(4)
     e = torch.ones(5, device="meta")
     groups = ops._by_device("op", dict(x=[a, b, c, e], y=["ya", "yb", "yc", "ye"], opt=[]), optional=("opt",))
-    assert [k for k, _ in groups] == [torch.device("cpu"), torch.device("meta")]
-    assert groups[0][1]["x"][0] is a and groups[0][1]["x"][1] is c and groups[0][1]["y"] == ["ya", "yc"]
-    assert groups[1][1]["x"][0] is b and groups[1][1]["x"][1] is e and groups[1][1]["y"] == ["yb", "ye"]
-    assert groups[0][1]["opt"] == [] and groups[1][1]["opt"] == []
+    assert [k for k, _, _ in groups] == [torch.device("cpu"), torch.device("meta")]
+    assert [idx for _, idx, _ in groups] == [[0, 2], [1, 3]]
+    assert groups[0][2]["x"][0] is a and groups[0][2]["x"][1] is c and groups[0][2]["y"] == ["ya", "yc"]
+    assert groups[1][2]["x"][0] is b and groups[1][2]["x"][1] is e and groups[1][2]["y"] == ["yb", "ye"]
+    assert groups[0][2]["opt"] == [] and groups[1][2]["opt"] == []
     with pytest.raises(RuntimeError, match="'y' has 1 entries but 'x' has 4; all lists must have the same length"):
         ops._by_device("op", dict(x=[a, b, c, e], y=["ya"]))
     with pytest.raises(RuntimeError, match="'opt' has 1 entries"):
@@ -293,7 +294,7 @@ def test_every_device_is_checked_before_any_launch(monkeypatch):
     v = [torch.ones(4), torch.ones(3, dtype=torch.float64)]
     with _two_fake_devices(monkeypatch, [p[1]]):
         with pytest.raises(RuntimeError, match=r"perturb_: 'vectors'\[0\] is (Double|float64) but 'params'\[0\] is "
-                                               r"(Float|float32)"):
+                                               r"(Float|float32).*its tensors 0, 1, ... are positions \[1\]"):
             ops.perturb_(p, v, 1.0)
     assert torch.equal(p[0], torch.zeros(4)), "the first device's tensors were written before the error"
 

@@ -41,13 +41,13 @@ def _device_of(t: Tensor):
     return t.get_device()
 
 
-def _by_device(op: str, lists: dict, optional: Sequence[str] = ()) -> list[tuple[object, dict]]:
+def _by_device(op: str, lists: dict, optional: Sequence[str] = ()) -> list[tuple[object, list[int], dict]]:
     """Splits an op's per-tensor lists by the device of the first list's tensors.
 
     `lists` maps argument names to lists with one entry per tensor (the first one decides the
     device); the names in `optional` may also be empty lists (a variant switched off). Returns
-    [(device key, {name: sub-list})], devices in order of first appearance. List mismatches raise
-    RuntimeError, as the compiled ops' own checks do."""
+    [(device key, positions in the lists, {name: sub-list})], devices in order of first
+    appearance. List mismatches raise RuntimeError, as the compiled ops' own checks do."""
     names = list(lists)
     main_name, main = names[0], list(lists[names[0]])
     if not main:
@@ -63,13 +63,13 @@ def _by_device(op: str, lists: dict, optional: Sequence[str] = ()) -> list[tuple
         keys = None
     if keys is not None and len(keys) == 1:
         (key,) = keys
-        return [(key, {name: list(lists[name]) for name in names})]
+        return [(key, list(range(len(main))), {name: list(lists[name]) for name in names})]
     index: dict = {}
     for i, t in enumerate(main):
         if not isinstance(t, Tensor):
             raise TypeError(f"sama_ext.{op}: '{main_name}'[{i}] is {type(t).__name__}, expected a Tensor")
         index.setdefault(_device_of(t), []).append(i)
-    return [(key, {name: [lists[name][i] for i in idx] if len(lists[name]) else [] for name in names})
+    return [(key, idx, {name: [lists[name][i] for i in idx] if len(lists[name]) else [] for name in names})
             for key, idx in index.items()]
 
 
@@ -86,26 +86,37 @@ def _sum_in_order(parts: list[Tensor]) -> Tensor:
     return total
 
 
-def _run(op: str, groups: list[tuple[object, dict]], op_args: Callable[[dict], tuple],
+def _check_all(groups, check: Callable[[int, dict], None]) -> None:
+    """Runs check(i, group) for every group; with several devices an error also says which
+    positions of the given lists its indices (counted within one device's call) refer to."""
+    for i, (_, idx, sub) in enumerate(groups):
+        try:
+            check(i, sub)
+        except (RuntimeError, ValueError, TypeError) as e:
+            if len(groups) == 1:
+                raise
+            raise type(e)(f"{e} [in the call for the tensors on {_device_of_group(sub)}: its tensors 0, 1, ... are "
+                          f"positions {idx} of the lists given]") from e
+
+
+def _run(op: str, groups: list[tuple[object, list[int], dict]], op_args: Callable[[dict], tuple],
          ref_call: Callable[[Callable, dict], Tensor | None], reduce: bool):
     """One call per device group: every group's arguments are prepared and checked before the
     first launch, so an invalid input never leaves another device's tensors half updated.
     `ref_call(fn, group)` calls fn with the reference's arguments (fn: the reference op, or its
     check_<op>)."""
     if not _compiled():
-        for _, sub in groups:
-            ref_call(getattr(reference, "check_" + op), sub)
-        parts = [ref_call(getattr(reference, op), sub) for _, sub in groups]
+        _check_all(groups, lambda i, sub: ref_call(getattr(reference, "check_" + op), sub))
+        parts = [ref_call(getattr(reference, op), sub) for _, _, sub in groups]
         return _sum_in_order(parts) if reduce else None
-    for _, sub in groups:
+    for _, _, sub in groups:
         check_device(_device_of_group(sub))
-    calls = [op_args(sub) for _, sub in groups]
+    calls = [op_args(sub) for _, _, sub in groups]
     # Under torch.compile the wrappers are traced on fake tensors, which cannot be checked here:
     # each op then checks its own call when the graph runs.
     if len(calls) > 1 and not torch.compiler.is_compiling():
         check = getattr(compiled().module, "check_" + op)
-        for args in calls:
-            check(*args)
+        _check_all(groups, lambda i, sub: check(*calls[i]))
     fn = getattr(torch.ops.sama_ext, op)
     parts = [fn(*args) for args in calls]
     return _sum_in_order(parts) if reduce else None

@@ -28,9 +28,10 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def _check(op: str, ins: list[tuple[str, Sequence]], outs: list[tuple[str, Sequence]], mixed_out: bool = False,
            steps=None) -> None:
-    """The torch backend's checks (the compiled ops make the same ones in C++): equal lengths; per tensor, one device and one shape in every
-    list, one supported dtype for the inputs and the same for the outputs — or, for combine
-    (`mixed_out`), float32/float64 inputs written into bfloat16/float16."""
+    """The torch backend's checks (the compiled ops make the same ones in C++): equal lengths;
+    per tensor, one device and one shape in every list, one supported dtype for the inputs and
+    the same for the outputs — or, for combine (`mixed_out`), float32/float64 inputs written
+    into bfloat16/float16."""
     name0, main = ins[0]
     if len(main) == 0:
         raise RuntimeError(f"sama_ext.{op}: '{name0}' is an empty list; pass at least one tensor")
