@@ -1,6 +1,7 @@
 // The pybind11 face of the extension: every op of SAMA_EXT_OPS (called through the
-// dispatcher, so CPU/CUDA selection is the dispatcher's), plus build facts and the launch
-// planner for host-side tests of the CUDA bookkeeping.
+// dispatcher, so CPU/CUDA selection is the dispatcher's) and its argument check alone
+// (check_<op>), plus build facts and the launch planner for host-side tests of the CUDA
+// bookkeeping.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -18,6 +19,7 @@ template <typename T> struct PyArg { using type = T; };
 template <> struct PyArg<at::TensorList> { using type = std::vector<at::Tensor>; };
 template <> struct PyArg<const std::optional<at::Tensor>&> { using type = std::optional<at::Tensor>; };
 template <> struct PyArg<const at::Tensor&> { using type = at::Tensor; };
+template <> struct PyArg<c10::ArrayRef<double>> { using type = std::vector<double>; };
 
 template <typename Sig> struct ViaDispatcher;
 template <typename R, typename... A> struct ViaDispatcher<R (*)(A...)> {
@@ -30,6 +32,12 @@ template <typename R, typename... A> struct ViaDispatcher<R (*)(A...)> {
   }
 };
 
+// The same op with a runner that runs nothing: every check of a call, no launch.
+template <typename Sig, Sig Fn> struct CheckOnly;
+template <typename R, typename... A, R (*Fn)(A...)> struct CheckOnly<R (*)(A...), Fn> {
+  static void call(typename PyArg<A>::type... a) { Fn(a...); }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,6 +46,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(#name, ViaDispatcher<decltype(&sama::name<nullptr>)>::make("sama_ext::" #name));
   SAMA_EXT_OPS(SAMA_BIND)
 #undef SAMA_BIND
+#define SAMA_CHECK(name, schema)                                                                      \
+  m.def("check_" #name,                                                                               \
+        &CheckOnly<decltype(&sama::name<nullptr>), &sama::name<sama::run_check_only>>::call,          \
+        "Checks the arguments of " #name " as the op does, running nothing.");
+  SAMA_EXT_OPS(SAMA_CHECK)
+#undef SAMA_CHECK
 
   m.def("with_cuda", [] {
 #ifdef SAMA_EXT_WITH_CUDA

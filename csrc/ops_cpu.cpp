@@ -10,6 +10,7 @@ namespace sama {
 
 at::Tensor run_cpu(const OpSpec& spec, CheckedCall& c, bool reduce) {
   auto parallel = [](int64_t begin, int64_t end, auto&& fn) { at::parallel_for(begin, end, 1, fn); };
+  bind_scalars(c);
   double total = 0.0;
   for (const Group& g : c.groups) {  // group order is fixed: the sum is deterministic
     const Lists l = g.lists();
@@ -18,7 +19,7 @@ at::Tensor run_cpu(const OpSpec& spec, CheckedCall& c, bool reduce) {
       with_types<Op>(g.in_dtype, g.out_dtype, [&](auto tin, auto tout) {
         using Tin = typename decltype(tin)::type;
         using Tout = typename decltype(tout)::type;
-        total += cpu_apply<Op, Tin, Tout>(op, l, c.s0, c.s1, parallel);
+        total += cpu_apply<Op, Tin, Tout>(op, l, g.s0, g.s1, parallel);
       });
     });
   }

@@ -12,6 +12,7 @@ namespace sama {
 
 at::Tensor run_cuda(const OpSpec& spec, CheckedCall& c, bool reduce) {
   const c10::cuda::CUDAGuard guard(c.device);
+  bind_scalars(c);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(c.device.index()).stream();
   const int32_t max_slots = cuda_max_slots(n_inputs(spec) + n_outputs(spec));
   std::vector<Plan> plans;
@@ -33,8 +34,8 @@ at::Tensor run_cuda(const OpSpec& spec, CheckedCall& c, bool reduce) {
     call.in_dtype = c.groups[i].in_dtype;
     call.out_dtype = c.groups[i].out_dtype;
     call.lists = c.groups[i].lists();
-    call.s0 = c.s0;
-    call.s1 = c.s1;
+    call.s0 = c.groups[i].s0;
+    call.s1 = c.groups[i].s1;
     call.plan = &plans[i];
     call.partials = reduce ? partials.data_ptr<double>() : nullptr;
     call.partial_offset = offset;

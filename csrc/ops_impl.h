@@ -12,12 +12,15 @@
 #include "torch_glue.h"
 
 // X(name, schema). Scalar arguments "float x, Tensor? x_tensor" mean x, times the tensor's
-// value when it is given (a device scalar: lr tensors, ε); "steps" holds one entry per tensor.
+// value when it is given (a device scalar: lr tensors, ε). Adam/Adagrad steps: "step" times,
+// per tensor, "steps[t]" (a 1-D device tensor: capturable/fused optimisers keep the step on the
+// device) and "host_steps[t]" (host values that differ per tensor; empty when unused).
 #define SAMA_EXT_OPS(X)                                                                                       \
   X(adam_adapt,                                                                                               \
     "adam_adapt(Tensor[] d, Tensor[] grads, Tensor[] exp_avg, Tensor[] exp_avg_sq, Tensor[] max_exp_avg_sq, " \
     "Tensor[] params, Tensor(a!)[] out, float lr, Tensor? lr_tensor, float step, Tensor? steps, float beta1, " \
-    "float beta2, float eps, float weight_decay, bool maximize, int safeguard) -> Tensor")                    \
+    "float beta2, float eps, float weight_decay, bool maximize, int safeguard, float[] host_steps=[]) "       \
+    "-> Tensor")                                                                                              \
   X(const_adapt, "const_adapt(Tensor[] d, Tensor(a!)[] out, float lr, Tensor? lr_tensor, float factor) -> Tensor")  \
   X(rmsprop_adapt,                                                                                            \
     "rmsprop_adapt(Tensor[] d, Tensor[] grads, Tensor[] square_avg, Tensor[] grad_avg, Tensor[] params, "      \
@@ -26,7 +29,7 @@
   X(adagrad_adapt,                                                                                            \
     "adagrad_adapt(Tensor[] d, Tensor[] grads, Tensor[] state_sum, Tensor[] params, Tensor(a!)[] out, "       \
     "float lr, Tensor? lr_tensor, float step, Tensor? steps, float lr_decay, float eps, float weight_decay, "  \
-    "bool maximize, int safeguard) -> Tensor")                                                                \
+    "bool maximize, int safeguard, float[] host_steps=[]) -> Tensor")                                         \
   X(perturb_, "perturb_(Tensor(a!)[] params, Tensor[] vectors, float scale, Tensor? scale_tensor) -> ()")     \
   X(perturb_from_,                                                                                            \
     "perturb_from_(Tensor(a!)[] params, Tensor[] sources, Tensor[] vectors, float scale, Tensor? scale_tensor) " \
@@ -43,6 +46,10 @@ namespace sama {
 using Runner = at::Tensor (*)(const OpSpec& spec, CheckedCall& call, bool reduce);
 using OptTensor = std::optional<at::Tensor>;
 
+// A runner that runs nothing: the ops instantiated with it only check their arguments (the
+// Python wrappers check every device's call before launching any, see sama_ext/ops.py).
+inline at::Tensor run_check_only(const OpSpec&, CheckedCall&, bool) { return at::Tensor(); }
+
 inline double sign_of(bool maximize) { return maximize ? -1.0 : 1.0; }
 
 // Optional inputs (AMSGrad's max, θ for coupled decay, RMSprop's grad_avg) are passed as
@@ -55,7 +62,8 @@ template <Runner Run>
 at::Tensor adam_adapt(at::TensorList d, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                       at::TensorList max_exp_avg_sq, at::TensorList params, at::TensorList out, double lr,
                       const OptTensor& lr_tensor, double step, const OptTensor& steps, double beta1, double beta2,
-                      double eps, double weight_decay, bool maximize, int64_t safeguard) {
+                      double eps, double weight_decay, bool maximize, int64_t safeguard,
+                      c10::ArrayRef<double> host_steps) {
   TORCH_CHECK(weight_decay == 0.0 || !params.empty(), "sama_ext.adam_adapt: coupled weight_decay=", weight_decay,
               " needs the params list (θ enters the gradient the optimiser used)");
   TORCH_CHECK(safeguard == kSafeguardNone || safeguard == kSafeguardZeroUnseen,
@@ -70,7 +78,8 @@ at::Tensor adam_adapt(at::TensorList d, at::TensorList grads, at::TensorList exp
   const double h[5] = {beta1, beta2, eps, weight_decay, sign_of(maximize)};
   std::copy(h, h + 5, spec.h);
   spec.safeguard = int(safeguard);
-  CheckedCall c = check_call("adam_adapt", ins, {{"out", out}}, {lr, lr_tensor}, {step, steps, true});
+  CheckedCall c = check_call("adam_adapt", spec, ins, {{"out", out}}, {"lr", lr, lr_tensor},
+                             {"step", step, steps, true, host_steps});
   return Run(spec, c, true);
 }
 
@@ -79,7 +88,8 @@ at::Tensor const_adapt(at::TensorList d, at::TensorList out, double lr, const Op
   OpSpec spec;
   spec.kernel = Kernel::kConst;
   spec.h[0] = factor;
-  CheckedCall c = check_call("const_adapt", {{"d", d}}, {{"out", out}}, {lr, lr_tensor}, {0.0, std::nullopt});
+  CheckedCall c =
+      check_call("const_adapt", spec, {{"d", d}}, {{"out", out}}, {"lr", lr, lr_tensor}, {"unused", 0.0, std::nullopt});
   return Run(spec, c, true);
 }
 
@@ -108,7 +118,8 @@ at::Tensor rmsprop_adapt(at::TensorList d, at::TensorList grads, at::TensorList 
   const double h[4] = {alpha, eps, weight_decay, sign_of(maximize)};
   std::copy(h, h + 4, spec.h);
   spec.safeguard = int(safeguard);
-  CheckedCall c = check_call("rmsprop_adapt", ins, {{"out", out}}, {lr, lr_tensor}, {0.0, std::nullopt});
+  CheckedCall c =
+      check_call("rmsprop_adapt", spec, ins, {{"out", out}}, {"lr", lr, lr_tensor}, {"unused", 0.0, std::nullopt});
   return Run(spec, c, true);
 }
 
@@ -116,7 +127,7 @@ template <Runner Run>
 at::Tensor adagrad_adapt(at::TensorList d, at::TensorList grads, at::TensorList state_sum, at::TensorList params,
                          at::TensorList out, double lr, const OptTensor& lr_tensor, double step,
                          const OptTensor& steps, double lr_decay, double eps, double weight_decay, bool maximize,
-                         int64_t safeguard) {
+                         int64_t safeguard, c10::ArrayRef<double> host_steps) {
   TORCH_CHECK(weight_decay == 0.0 || !params.empty(), "sama_ext.adagrad_adapt: weight_decay=", weight_decay,
               " needs the params list");
   std::vector<NamedList> ins{{"d", d}, {"grads", grads}, {"state_sum", state_sum}};
@@ -127,7 +138,8 @@ at::Tensor adagrad_adapt(at::TensorList d, at::TensorList grads, at::TensorList 
   const double h[4] = {lr_decay, eps, weight_decay, sign_of(maximize)};
   std::copy(h, h + 4, spec.h);
   spec.safeguard = int(safeguard);
-  CheckedCall c = check_call("adagrad_adapt", ins, {{"out", out}}, {lr, lr_tensor}, {step, steps, true});
+  CheckedCall c = check_call("adagrad_adapt", spec, ins, {{"out", out}}, {"lr", lr, lr_tensor},
+                             {"step", step, steps, true, host_steps});
   return Run(spec, c, true);
 }
 
@@ -135,8 +147,8 @@ template <Runner Run>
 void perturb_(at::TensorList params, at::TensorList vectors, double scale, const OptTensor& scale_tensor) {
   OpSpec spec;
   spec.kernel = Kernel::kAxpy;
-  CheckedCall c = check_call("perturb_", {{"params", params}, {"vectors", vectors}}, {{"params", params}},
-                             {scale, scale_tensor}, {0.0, std::nullopt});
+  CheckedCall c = check_call("perturb_", spec, {{"params", params}, {"vectors", vectors}}, {{"params", params}},
+                             {"scale", scale, scale_tensor}, {"unused", 0.0, std::nullopt});
   Run(spec, c, false);
 }
 
@@ -145,8 +157,8 @@ void perturb_from_(at::TensorList params, at::TensorList sources, at::TensorList
                    const OptTensor& scale_tensor) {
   OpSpec spec;
   spec.kernel = Kernel::kAxpy;
-  CheckedCall c = check_call("perturb_from_", {{"sources", sources}, {"vectors", vectors}}, {{"params", params}},
-                             {scale, scale_tensor}, {0.0, std::nullopt});
+  CheckedCall c = check_call("perturb_from_", spec, {{"sources", sources}, {"vectors", vectors}},
+                             {{"params", params}}, {"scale", scale, scale_tensor}, {"unused", 0.0, std::nullopt});
   Run(spec, c, false);
 }
 
@@ -155,8 +167,9 @@ void perturb_save_(at::TensorList params, at::TensorList vectors, at::TensorList
                    const OptTensor& scale_tensor) {
   OpSpec spec;
   spec.kernel = Kernel::kAxpySave;
-  CheckedCall c = check_call("perturb_save_", {{"params", params}, {"vectors", vectors}},
-                             {{"params", params}, {"backups", backups}}, {scale, scale_tensor}, {0.0, std::nullopt});
+  CheckedCall c = check_call("perturb_save_", spec, {{"params", params}, {"vectors", vectors}},
+                             {{"params", params}, {"backups", backups}}, {"scale", scale, scale_tensor},
+                             {"unused", 0.0, std::nullopt});
   Run(spec, c, false);
 }
 
@@ -166,8 +179,8 @@ void combine_(at::TensorList out, at::TensorList g_minus, at::TensorList g_plus,
   OpSpec spec;
   spec.kernel = Kernel::kCombine;
   spec.flag_a = accumulate;
-  CheckedCall c = check_call("combine_", {{"g_minus", g_minus}, {"g_plus", g_plus}}, {{"out", out}}, {scale, std::nullopt},
-                             {1.0, eps}, /*out_dtype_may_differ=*/true);
+  CheckedCall c = check_call("combine_", spec, {{"g_minus", g_minus}, {"g_plus", g_plus}}, {{"out", out}},
+                             {"scale", scale, std::nullopt}, {"eps", 1.0, eps}, /*out_dtype_may_differ=*/true);
   Run(spec, c, false);
 }
 

@@ -1,13 +1,17 @@
 // Torch-facing plumbing shared by the CPU and CUDA registrations: checks the tensor lists
-// of a call, groups tensors by dtype, and turns them into the core's raw-pointer Lists.
+// of a call, groups tensors by dtype (and per-tensor host scalars), and turns them into the
+// core's raw-pointer Lists.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cstring>
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -21,12 +25,18 @@ struct NamedList {
   at::TensorList tensors;
 };
 
-// A scalar argument of an op: a host value, optionally multiplied by a device tensor
-// (0-dim, or 1-D with one entry per tensor when per_tensor).
+// A scalar argument of an op, named in error messages (lr, step, scale, eps): a host value,
+// optionally times per-tensor host factors (`host`, one per tensor: Adam steps that differ, known
+// on the host) and times a device tensor (0-dim, or 1-D with one entry per tensor when
+// per_tensor). Host factors travel in the per-group constants, never through device memory:
+// tensors whose factors differ go to different groups (launches), so no host-to-device copy is
+// needed (it would synchronise, and is illegal during CUDA-graph capture).
 struct ScalarIn {
+  const char* name;
   double value;
   std::optional<at::Tensor> tensor;
   bool per_tensor = false;
+  c10::ArrayRef<double> host = {};
 };
 
 inline DType to_dtype(const char* op, at::ScalarType t) {
@@ -41,9 +51,12 @@ inline DType to_dtype(const char* op, at::ScalarType t) {
   }
 }
 
-// One dtype group of a call: the tensor indices in it, their pointers laid out for Lists.
+// One group of a call: tensors sharing a dtype pair and the same host factors of both scalars.
+// The tensor indices in it, their pointers laid out for Lists, and its resolved scalars.
 struct Group {
   DType in_dtype, out_dtype;
+  double host0 = 1.0, host1 = 1.0;  // the group's per-tensor host factors (1 when none)
+  ScalarArg s0, s1;                 // set by bind_scalars
   std::vector<int64_t> index;       // global tensor index of each member
   std::vector<const void*> in;      // [k * size + i]
   std::vector<void*> out;
@@ -63,14 +76,31 @@ struct CheckedCall {
   at::Device device = at::kCPU;
   int64_t n = 0;
   std::vector<Group> groups;  // in order of first appearance: deterministic
+  std::optional<at::Tensor> t0, t1;        // the scalars' device tensors, checked
+  double v0 = 0.0, v1 = 0.0;               // the scalars' host values
+  bool per_tensor0 = false, per_tensor1 = false;
   std::vector<at::Tensor> scalar_storage;  // keeps converted scalar tensors alive
-  ScalarArg s0, s1;
 };
 
-// Validates every list (length, device, numel, dtype, layout) and builds the dtype groups.
-// Tensors need not be contiguous, but each must be dense and non-overlapping with the same
-// strides in every list, so that the kernels may treat it as flat memory.
-inline CheckedCall check_call(const char* op, const std::vector<NamedList>& ins,
+// Throws, naming the op and a tensor, if `spec` has no kernel for the dtype pair (in, out):
+// checked for every group before anything runs, so an error never leaves earlier groups
+// written.
+inline void check_dtype_pair(const char* op, const OpSpec& spec, DType in, DType out, const NamedList& in_list,
+                             const NamedList& out_list, int64_t t) {
+  try {
+    with_functor(spec, [&](auto f) { with_types<decltype(f)>(in, out, [](auto, auto) {}); });
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, "sama_ext.", op, ": '", out_list.name, "'[", t, "] is ", dtype_name(out), " but '",
+                in_list.name, "'[", t, "] is ", dtype_name(in), ": ", e.what());
+  }
+}
+
+// Validates every list (length, device, numel, dtype and dtype pair, layout) and the scalars,
+// and builds the groups; launches nothing (bind_scalars, called by the runners, does the one
+// device-side conversion). Tensors need not be contiguous, but each must be dense and
+// non-overlapping with the same strides in every list, so that the kernels may treat it as
+// flat memory.
+inline CheckedCall check_call(const char* op, const OpSpec& spec, const std::vector<NamedList>& ins,
                               const std::vector<NamedList>& outs, const ScalarIn& s0, const ScalarIn& s1,
                               bool out_dtype_may_differ = false) {
   TORCH_CHECK(!ins.empty() && !outs.empty(), "sama_ext.", op, ": internal error, no lists");
@@ -82,7 +112,17 @@ inline CheckedCall check_call(const char* op, const std::vector<NamedList>& ins,
       TORCH_CHECK(int64_t(l.tensors.size()) == c.n, "sama_ext.", op, ": '", l.name, "' has ", l.tensors.size(),
                   " tensors but '", ins[0].name, "' has ", c.n, "; all lists must have the same length");
   c.device = ins[0].tensors[0].device();
-  std::map<std::pair<int, int>, size_t> group_of;
+  for (const ScalarIn* s : {&s0, &s1})
+    TORCH_CHECK(s->host.empty() || int64_t(s->host.size()) == c.n, "sama_ext.", op, ": per-tensor ", s->name,
+                " has ", s->host.size(), " entries but '", ins[0].name, "' has ", c.n, " tensors");
+  // Key: dtype pair and the bits of both host factors (bits, so that NaN keys compare equal).
+  using Key = std::tuple<int, int, uint64_t, uint64_t>;
+  auto bits = [](double x) {
+    uint64_t b;
+    std::memcpy(&b, &x, sizeof b);
+    return b;
+  };
+  std::map<Key, size_t> group_of;
   for (int64_t t = 0; t < c.n; ++t) {
     const at::Tensor& ref = ins[0].tensors[t];
     auto check = [&](const NamedList& l) {
@@ -115,11 +155,19 @@ inline CheckedCall check_call(const char* op, const std::vector<NamedList>& ins,
     }
     const DType din = to_dtype(op, ref.scalar_type());
     const DType dout = to_dtype(op, outs[0].tensors[t].scalar_type());
-    auto key = std::make_pair(int(din), int(dout));
+    const double h0 = s0.host.empty() ? 1.0 : s0.host[size_t(t)];
+    const double h1 = s1.host.empty() ? 1.0 : s1.host[size_t(t)];
+    const Key key{int(din), int(dout), bits(h0), bits(h1)};
     auto it = group_of.find(key);
     if (it == group_of.end()) {
+      check_dtype_pair(op, spec, din, dout, ins[0], outs[0], t);
       it = group_of.emplace(key, c.groups.size()).first;
-      c.groups.push_back(Group{din, dout, {}, {}, {}, {}});
+      Group g;
+      g.in_dtype = din;
+      g.out_dtype = dout;
+      g.host0 = h0;
+      g.host1 = h1;
+      c.groups.push_back(std::move(g));
     }
     c.groups[it->second].index.push_back(t);
   }
@@ -135,30 +183,46 @@ inline CheckedCall check_call(const char* op, const std::vector<NamedList>& ins,
       g.numel[i] = ins[0].tensors[t].numel();
     }
   }
-  auto convert = [&](const ScalarIn& s, const char* what) {
-    ScalarArg a;
-    a.value = s.value;
-    if (s.tensor.has_value() && s.tensor->defined()) {
-      const at::Tensor& x = *s.tensor;
-      TORCH_CHECK(x.device() == c.device, "sama_ext.", op, ": ", what, " tensor is on ", x.device(),
-                  " but the tensors are on ", c.device);
-      if (s.per_tensor) {
-        TORCH_CHECK(x.dim() == 1 && x.numel() == c.n, "sama_ext.", op, ": ", what, " tensor must be 1-D with ",
-                    c.n, " entries (one per tensor), got shape ", x.sizes());
-      } else {
-        TORCH_CHECK(x.numel() == 1, "sama_ext.", op, ": ", what, " tensor must have one element, got shape ",
-                    x.sizes());
-      }
-      at::Tensor d = x.to(at::kDouble).contiguous();  // device op, no host sync
-      c.scalar_storage.push_back(d);
-      a.ptr = d.const_data_ptr<double>();
-      a.per_tensor = s.per_tensor;
+  auto check_scalar = [&](const ScalarIn& s) {
+    if (!s.tensor.has_value() || !s.tensor->defined()) return std::optional<at::Tensor>();
+    const at::Tensor& x = *s.tensor;
+    TORCH_CHECK(x.device() == c.device, "sama_ext.", op, ": ", s.name, " tensor is on ", x.device(),
+                " but the tensors are on ", c.device);
+    TORCH_CHECK(at::isFloatingType(x.scalar_type()) || at::isIntegralType(x.scalar_type(), /*includeBool=*/false),
+                "sama_ext.", op, ": ", s.name, " tensor must be a real number, got ", x.scalar_type());
+    if (s.per_tensor) {
+      TORCH_CHECK(x.dim() == 1 && x.numel() == c.n, "sama_ext.", op, ": ", s.name, " tensor must be 1-D with ",
+                  c.n, " entries (one per tensor), got shape ", x.sizes());
+    } else {
+      TORCH_CHECK(x.numel() == 1, "sama_ext.", op, ": ", s.name, " tensor must have one element, got shape ",
+                  x.sizes());
     }
-    return a;
+    return std::optional<at::Tensor>(x);
   };
-  c.s0 = convert(s0, "first scalar");
-  c.s1 = convert(s1, "second scalar");
+  c.t0 = check_scalar(s0);
+  c.t1 = check_scalar(s1);
+  c.v0 = s0.value;
+  c.v1 = s1.value;
+  c.per_tensor0 = s0.per_tensor;
+  c.per_tensor1 = s1.per_tensor;
   return c;
+}
+
+// The scalars of every group: value × the group's host factor, times the device tensor (cast
+// to float64 once, on the device: no host sync). Called by the runners, after all checks.
+inline void bind_scalars(CheckedCall& c) {
+  auto device_ptr = [&](const std::optional<at::Tensor>& t) -> const double* {
+    if (!t.has_value()) return nullptr;
+    at::Tensor d = t->to(at::kDouble).contiguous();
+    c.scalar_storage.push_back(d);
+    return d.const_data_ptr<double>();
+  };
+  const double* p0 = device_ptr(c.t0);
+  const double* p1 = device_ptr(c.t1);
+  for (Group& g : c.groups) {
+    g.s0 = ScalarArg{c.v0 * g.host0, p0, p0 != nullptr && c.per_tensor0};
+    g.s1 = ScalarArg{c.v1 * g.host1, p1, p1 != nullptr && c.per_tensor1};
+  }
 }
 
 }  // namespace sama

@@ -3,10 +3,15 @@ benchmarks, and the `torch` backend (SAMA_EXT_BACKEND=torch).
 
 Written the way a user would write it — eager, per tensor, fp32 math over 16-bit storage —
 and kept independent of the C++ functors (same formulas, separate code). Signatures mirror
-`sama_ext.ops`; scalars may be Python floats or tensors (never read on the host).
+`sama_ext.ops`; scalars may be Python floats or tensors (never read on the host). The kernels
+themselves do not check their inputs (they are also the eager baseline of the benchmarks):
+`check_<op>`, with the same arguments, does, and sama_ext.ops calls it for every device before
+running anything.
 """
 from __future__ import annotations
 
+import math
+import struct
 from typing import Sequence
 
 import torch
@@ -18,13 +23,81 @@ __all__ = ["adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt", "pertu
 SAFEGUARDS = {"none": 0, "zero_unseen": 1}
 
 
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check(op: str, ins: list[tuple[str, Sequence]], outs: list[tuple[str, Sequence]], mixed_out: bool = False,
+           steps=None) -> None:
+    """The torch backend's checks (the compiled ops make the same ones in C++): equal lengths;
+    per tensor, one device and one shape in every list, one supported dtype for the inputs and
+    the same for the outputs — or, for combine (`mixed_out`), float32/float64 inputs written
+    into bfloat16/float16."""
+    name0, main = ins[0]
+    if len(main) == 0:
+        raise RuntimeError(f"sama_ext.{op}: '{name0}' is an empty list; pass at least one tensor")
+    for name, l in ins + outs:
+        if len(l) != len(main):
+            raise RuntimeError(f"sama_ext.{op}: '{name}' has {len(l)} tensors but '{name0}' has {len(main)}; "
+                               "all lists must have the same length")
+    if isinstance(steps, (list, tuple)) and len(steps) != len(main):
+        raise ValueError(f"sama_ext.{op}: got {len(steps)} steps for {len(main)} tensors")
+    for t, ref in enumerate(main):
+        for kind, group in (("in", ins), ("out", outs)):
+            for name, l in group:
+                x = l[t]
+                if not isinstance(x, Tensor):
+                    raise TypeError(f"sama_ext.{op}: '{name}'[{t}] is {type(x).__name__}, expected a Tensor")
+                if x.device != ref.device:
+                    raise RuntimeError(f"sama_ext.{op}: '{name}'[{t}] is on {x.device} but '{name0}'[{t}] is on "
+                                       f"{ref.device}; a tensor's lists must share a device")
+                if x.shape != ref.shape:
+                    raise RuntimeError(f"sama_ext.{op}: '{name}'[{t}] has shape {list(x.shape)} but '{name0}'[{t}] "
+                                       f"has shape {list(ref.shape)}")
+                if x.dtype not in _DTYPES:
+                    raise RuntimeError(f"sama_ext.{op}: unsupported dtype {x.dtype} in '{name}'[{t}] (supported: "
+                                       "float32, float64, bfloat16, float16)")
+                same = x.dtype == ref.dtype
+                if kind == "out" and not same and mixed_out:
+                    same = ref.dtype in (torch.float32, torch.float64) and x.dtype in (torch.bfloat16, torch.float16)
+                if not same:
+                    raise RuntimeError(f"sama_ext.{op}: '{name}'[{t}] is {_name(x.dtype)} but '{name0}'[{t}] is "
+                                       f"{_name(ref.dtype)}: unsupported dtype combination")
+
+
+def _one(op: str, name: str, x) -> None:
+    if isinstance(x, Tensor) and x.numel() != 1:
+        raise ValueError(f"sama_ext.{op}: {name} must be a float or a one-element tensor, got shape {tuple(x.shape)}")
+
+
+def _one_or_each(op: str, step) -> None:
+    for i, s in enumerate(step) if isinstance(step, (list, tuple)) else [(None, step)]:
+        _one(op, "step" if i is None else f"step[{i}]", s)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _needs_params(op: str, weight_decay, params) -> None:
+    if weight_decay and len(params) == 0:
+        raise RuntimeError(f"sama_ext.{op}: coupled weight_decay={weight_decay} needs the params list "
+                           "(θ enters the gradient the optimiser used)")
+
+
+def _opt(name: str, l: Sequence, on: bool = True) -> list:
+    return [(name, l)] if on and len(l) else []
+
+
 def _math(x: Tensor) -> Tensor:
     return x.double() if x.dtype == torch.float64 else x.float()
 
 
 def _scalar(x, like: Tensor):
-    """A Python float stays one; a tensor moves to the math dtype/device (no host read)."""
+    """A Python float stays one; a tensor moves to the math dtype/device (no host read), except a
+    CPU tensor given with tensors elsewhere: host memory, read as a float (as sama_ext.ops does)."""
     if isinstance(x, Tensor):
+        if x.device.type == "cpu" and like.device.type != "cpu":
+            return float(x)
         return x.to(device=like.device, dtype=like.dtype)
     return float(x)
 
@@ -32,7 +105,7 @@ def _scalar(x, like: Tensor):
 def _sumsq(vs: Sequence[Tensor], device) -> Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for v in vs:
-        total = total + v.double().square().sum()
+        total = total + v.double().square().sum().to(device)
     return total
 
 
@@ -139,6 +212,17 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
     return _finish(vs, out)
 
 
+def _round_host(s: float, dtype: torch.dtype) -> float:
+    """A Python float rounded to float32 as a C cast does (nearest even, inf past the range),
+    without making a tensor of it."""
+    if dtype == torch.float64:
+        return s
+    try:
+        return struct.unpack("f", struct.pack("f", s))[0]
+    except OverflowError:
+        return math.copysign(math.inf, s)
+
+
 def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
     """x + scale·v rounded once to x's dtype (as the fused kernel's fma): the scale is taken in the
     math dtype, the product and sum in float64 (exact for float32 operands up to one final rounding)."""
@@ -149,7 +233,7 @@ def _axpy(x: Tensor, v: Tensor, scale) -> Tensor:
         return torch.where(s == 0, xm, y)  # zero scale leaves x as it is, even where v is not finite
     if s == 0:
         return xm
-    s = float(torch.tensor(s, dtype=xm.dtype))
+    s = _round_host(s, xm.dtype)
     return (xm.double() + s * _math(v).double()).to(xm.dtype)
 
 
@@ -185,3 +269,58 @@ def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: 
             c = torch.where(ok, scale / (2 * e), torch.zeros_like(e)).to(m.dtype)
             delta = torch.where(ok, c * (m - _math(gp)), torch.zeros_like(m))
             o.copy_(_math(o) + delta if accumulate else delta)
+
+
+# ----------------------------------------------------------------------------- checks
+# check_<op>(same arguments as <op>): raises what the compiled op would raise for bad lists,
+# writes nothing.
+def check_adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr, step, weight_decay=0.0,
+                     **_) -> None:
+    _one("adam_adapt", "lr", lr)
+    _one_or_each("adam_adapt", step)
+    _needs_params("adam_adapt", weight_decay, params)
+    _check("adam_adapt", [("d", d), ("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+           + _opt("max_exp_avg_sq", max_exp_avg_sq) + _opt("params", params, bool(weight_decay)), [("out", out)],
+           steps=step)
+
+
+def check_const_adapt(d, out, *, lr, **_) -> None:
+    _one("const_adapt", "lr", lr)
+    _check("const_adapt", [("d", d)], [("out", out)])
+
+
+def check_rmsprop_adapt(d, grads, square_avg, grad_avg, params, momentum_buffer, out, *, lr, weight_decay=0.0,
+                        **_) -> None:
+    _one("rmsprop_adapt", "lr", lr)
+    _needs_params("rmsprop_adapt", weight_decay, params)
+    _check("rmsprop_adapt", [("d", d), ("grads", grads), ("square_avg", square_avg)] + _opt("grad_avg", grad_avg)
+           + _opt("params", params, bool(weight_decay))
+           + _opt("momentum_buffer", momentum_buffer, bool(weight_decay)), [("out", out)])
+
+
+def check_adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, weight_decay=0.0, **_) -> None:
+    _one("adagrad_adapt", "lr", lr)
+    _one_or_each("adagrad_adapt", step)
+    _needs_params("adagrad_adapt", weight_decay, params)
+    _check("adagrad_adapt", [("d", d), ("grads", grads), ("state_sum", state_sum)]
+           + _opt("params", params, bool(weight_decay)), [("out", out)], steps=step)
+
+
+def check_perturb_(params, vectors, scale) -> None:
+    _one("perturb_", "scale", scale)
+    _check("perturb_", [("params", params), ("vectors", vectors)], [("params", params)])
+
+
+def check_perturb_from_(params, sources, vectors, scale) -> None:
+    _one("perturb_from_", "scale", scale)
+    _check("perturb_from_", [("sources", sources), ("vectors", vectors)], [("params", params)])
+
+
+def check_perturb_save_(params, vectors, backups, scale) -> None:
+    _one("perturb_save_", "scale", scale)
+    _check("perturb_save_", [("params", params), ("vectors", vectors)], [("params", params), ("backups", backups)])
+
+
+def check_combine_(out, g_minus, g_plus, eps, scale=1.0, accumulate=False) -> None:
+    _one("combine_", "eps", eps)
+    _check("combine_", [("g_minus", g_minus), ("g_plus", g_plus)], [("out", out)], mixed_out=True)
