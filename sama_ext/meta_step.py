@@ -5,7 +5,8 @@
     2. v = diag(du/dg) ⊙ d        (fused kernel, in place in d; "sama_na": v = d)
     3. ε = α/‖v‖                  (on the device; zero or non-finite ‖v‖ skips the step)
     4. g± = dL_base(θ ± εv, λ)/dλ (θ perturbed in place; frozen() inputs held at their value at θ)
-    5. λ.grad += (g⁻ − g⁺)/(2ε)   (fused combine)
+    5. λ.grad += (g⁻ − g⁺)/(2ε_r) (fused combine; ε_r = ⟨θ⁺−θ⁻, v⟩/(2‖v‖²), the step θ± really
+                                  took after rounding, docs/precision.md; a lost perturbation skips)
     6. θ restored bit for bit, or left at θ − εv ("descend")
 
 Memory beyond the three passes: v (one θ-sized buffer, reusing d's storage) and one backup
@@ -20,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, precision
 from .adaptation import adapt_sumsq
 from .frozen import recording
 
@@ -37,7 +38,11 @@ class MetaStepInfo:
     meta_loss: Tensor   # L_meta at θ (detached)
     eps: Tensor         # ε = α/‖v‖ (0 when skipped)
     v_norm: Tensor      # ‖v‖
-    skipped: Tensor     # bool: ‖v‖ was zero or not finite, nothing was changed
+    skipped: Tensor     # bool: ‖v‖ was zero or not finite, or the perturbation was lost; nothing was changed
+    # what θ± = θ ± εv really moved after rounding to θ's dtype (docs/precision.md); None from the baselines
+    eps_realized: Tensor | None = None  # ⟨θ⁺−θ⁻, v⟩/(2‖v‖²), the ε divided by (0 when skipped)
+    moved: Tensor | None = None         # int64: elements of θ⁺ that differ from θ
+    lost: Tensor | None = None          # bool: nothing moved, or g⁺ == g⁻ bitwise (then skipped)
 
 
 def _scalar_loss(value, what: str) -> Tensor:
@@ -199,13 +204,16 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     base_loss()
                 rec.replay()
                 _set_rng_states(rng)  # same dropout masks etc. in every evaluation
-            ops.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
+            precision.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ [precision hook 0/4]
             saved = True
+            dot_p, moved_p = precision.moved(theta, backup, v)  # [precision hook 1/4]
             with local():
                 g_plus = _meta_grads(base_loss, lam)
             rec.replay()
             _set_rng_states(rng)
-            ops.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
+            precision.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ [hook 0/4]
+            dot_m, moved_m = precision.moved(theta, backup, v)  # [precision hook 2/4]
+            eps_r, lost = precision.realized_eps(dot_p, -dot_m, sumsq, moved_p, moved_m, eps)
             if meta_module is None:
                 with local():
                     g_minus = _meta_grads(base_loss, lam)
@@ -217,7 +225,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 direct = [None] * len(lam)
                 # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
                 # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
-                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
+                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r):  # [precision hook 3/4]
                     with torch.enable_grad():
                         _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
             rec.check_consumed()
@@ -226,15 +234,25 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
             with torch.no_grad():
                 torch._foreach_copy_(theta, backup)
         raise
+    if meta_module is None:  # [precision hook 4/4] (under DDP g⁻ exists only inside the hook)
+        lost = lost | precision.unchanged_grads(g_plus, g_minus)
+        eps_r = torch.where(lost, torch.zeros_like(eps_r), eps_r)
+    skipped = ~ok | lost
+    info = MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=skipped, eps_realized=eps_r,
+                        moved=moved_p, lost=lost)
     if base_update == "restore":
         with torch.no_grad():
             torch._foreach_copy_(theta, backup)
-    elif distributed:
-        # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
-        ddp.sync_params(theta, (base_module or meta_module).process_group)
-    # "descend": θ is already θ − εv (θ itself when the step was skipped)
+    else:
+        # "descend": θ is already θ − εv; a lost step must leave θ as it was (no host sync)
+        with torch.no_grad():  # [precision hook, descend]
+            for p, b in zip(theta, backup):
+                p.copy_(torch.where(skipped, b, p))
+        if distributed:
+            # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
+            ddp.sync_params(theta, (base_module or meta_module).process_group)
     if meta_module is not None:
-        return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+        return info
 
     for q, g in zip(lam, direct):
         if g is not None:
@@ -249,8 +267,8 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                   for i, o in zip(used, out)],
                  [_in_layout_of(g_plus[i], o) if g_plus[i] is not None else torch.zeros_like(o)
                   for i, o in zip(used, out)],
-                 eps, 1.0, True)
-    return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+                 eps_r, 1.0, True)
+    return info
 
 
 def _meta_grads(base_loss: Callable[[], Tensor], lam: list[Tensor]) -> tuple:
