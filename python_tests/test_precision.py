@@ -104,6 +104,13 @@ def test_perturbation_only_of_coordinates_the_base_loss_ignores_is_skipped(base_
     assert torch.equal(lam.grad, grad0)
 
 
+def test_zero_v_is_skipped_but_not_lost():
+    theta_a, theta_b, lam, opt, base_loss, meta_loss, _ = _linear_problem(64, 4, torch.bfloat16, seed=5)
+    info = _step([theta_a], opt, lam, base_loss, lambda: 0 * meta_loss())
+    assert bool(info.skipped) and not bool(info.lost)
+    assert float(info.eps_realized) == 0.0 and int(info.moved) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_keeps_sub_ulp_perturbations_in_expectation(dtype):
     # ε|vᵢ| = 0.3 ulp: round-to-nearest moves nothing (a lost step); the default moves each element

@@ -235,7 +235,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 torch._foreach_copy_(theta, backup)
         raise
     if meta_module is None:  # [precision hook 4/4] (under DDP g⁻ exists only inside the hook)
-        lost = lost | precision.unchanged_grads(g_plus, g_minus)
+        lost = lost | (ok & precision.unchanged_grads(g_plus, g_minus))
         eps_r = torch.where(lost, torch.zeros_like(eps_r), eps_r)
     skipped = ~ok | lost
     info = MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=skipped, eps_realized=eps_r,

@@ -127,9 +127,10 @@ def moved(params: Sequence[Tensor], backups: Sequence[Tensor], vectors: Sequence
 def realized_eps(dot_plus: Tensor, dot_minus: Tensor, sumsq: Tensor, count_plus: Tensor,
                  count_minus: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     """(ε_r, lost) from the two `moved` results (θ⁺ against θ, θ against θ⁻: the caller passes
-    −dot of θ⁻ − θ) and Σv². ε_r is 0 where `lost` or where ε is 0 (a step skipped already)."""
+    −dot of θ⁻ − θ) and Σv². ε_r is 0 where `lost` or where ε is 0 (a step skipped already, for
+    a zero or non-finite ‖v‖: that is not reported as lost)."""
     er = (dot_plus + dot_minus) / (2 * sumsq.to(torch.float64))
-    lost = (count_plus + count_minus == 0) | ~torch.isfinite(er) | (er <= 0)
+    lost = ((count_plus + count_minus == 0) | ~torch.isfinite(er) | (er <= 0)) & (eps != 0)
     er = torch.where(lost | (eps == 0), torch.zeros_like(er), er)
     return er, lost
 
@@ -145,7 +146,7 @@ def unchanged_grads(g_plus: Sequence[Tensor | None], g_minus: Sequence[Tensor | 
         if a is None or b is None:
             eq = torch.zeros((), dtype=torch.bool, device=(a if a is not None else b).device)
         else:
-            eq = _bits(a).eq(_bits(b)).all()  # bitwise: -0.0 vs 0.0 is a difference, NaN == NaN is not
+            eq = _bits(a).eq(_bits(b)).all()  # bitwise (-0.0 and 0.0 differ)
         same = eq if same is None else same & eq
     if same is None:
         raise ValueError("sama_ext.precision: no λ-gradient to compare")
