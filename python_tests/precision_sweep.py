@@ -29,12 +29,13 @@ def main() -> None:
     ap.add_argument("--steps", default="5")
     ap.add_argument("--alphas", default="1")
     ap.add_argument("--roundings", default="nearest,auto")
+    ap.add_argument("--batch", type=int, default=16)
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     for steps in (int(s) for s in a.steps.split(",")):
         for seed in (int(s) for s in a.seeds.split(",")):
             t0 = time.perf_counter()
-            run = setup(a.size, dtype, seed=seed, steps=steps)
+            run = setup(a.size, dtype, seed=seed, steps=steps, batch=a.batch)
             n = sum(p.numel() for p in run.theta)
             truth = exact(as_float64(run))
             for alpha in (float(x) for x in a.alphas.split(",")):
@@ -42,11 +43,11 @@ def main() -> None:
                 for rounding in a.roundings.split(","):
                     precision.rounding = rounding
                     precision.manual_seed(seed)
-                    run = setup(a.size, dtype, seed=seed, steps=steps)
+                    run = setup(a.size, dtype, seed=seed, steps=steps, batch=a.batch)
                     got, info = meta_grad(run, alpha=alpha)
                     ratio = float(got.norm() / truth.norm())
                     nominal = ratio * float(info.eps_realized / info.eps) if float(info.eps) > 0 else float("nan")
-                    print(f"{a.size}\t{n}\t{a.dtype}\tseed={seed}\tsteps={steps}\talpha={alpha:g}\t{rounding}\t"
+                    print(f"{a.size}\t{n}\t{a.dtype}\tbatch={a.batch}\tseed={seed}\tsteps={steps}\talpha={alpha:g}\t{rounding}\t"
                           f"cos_exact={cosine(got, truth):+.4f}\tcos_f64={cosine(got, same64):+.4f}\t"
                           f"ratio={ratio:.3f}\tratio_nominal={nominal:.3f}\tmoved={int(info.moved) / n:.4f}\t"
                           f"skipped={bool(info.skipped)}\tf64_cos_exact={cosine(same64, truth):+.4f}\t"

@@ -139,15 +139,15 @@ def test_float32_realized_step_is_the_nominal_one():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_small_lm_keeps_direction_at_defaults(dtype, record_property):
     """0.83M-parameter GPT-2-style decoder (GPT-2 vocabulary, random init), params and AdamW state
-    in `dtype`, 5 weighted AdamW steps; λ.grad at the default settings against (a) the exact SAMA
-    quantity in float64 (double backward) and (b) the same meta step on the same values in float64."""
-    run = setup("1M", dtype, seed=0, steps=5)
+    in `dtype`, 5 weighted AdamW steps on batches of 8 sequences; λ.grad at the default settings
+    against the exact SAMA quantity on the same values in float64 (double backward). A regression
+    guard: round-to-nearest passes it too on this model at α = 1 (docs/precision.md)."""
+    run = setup("1M", dtype, seed=0, steps=5, batch=8)
     truth = exact(as_float64(run))
-    same64, _ = meta_grad(as_float64(run))
+    precision.manual_seed(0)
     got, info = meta_grad(run)
-    c_exact, c_same = cosine(got, truth), cosine(got, same64)
-    record_property("cos_exact", c_exact)
-    record_property("cos_float64_step", c_same)
+    c = cosine(got, truth)
+    record_property("cos_exact", c)
     assert not bool(info.skipped)
-    assert c_exact >= 0.95 and c_same >= 0.95
+    assert c >= 0.95
     assert 0.5 < float(got.norm() / truth.norm()) < 2.0

@@ -115,7 +115,7 @@ class Run:
         return per_sequence_loss(self.model, self.meta_batch).mean()
 
 
-def setup(size: str, dtype: torch.dtype, seed: int = 0, steps: int = 5, lr: float = 1e-3) -> Run:
+def setup(size: str, dtype: torch.dtype, seed: int = 0, steps: int = 5, lr: float = 1e-3, batch: int = BATCH) -> Run:
     """Random-init model in `dtype` (params and AdamW state), `steps` weighted AdamW steps; the
     weight net stays float32. Deterministic given (size, dtype, seed, steps)."""
     vocab, (d, layers, heads) = VOCAB, SIZES[size]
@@ -126,11 +126,11 @@ def setup(size: str, dtype: torch.dtype, seed: int = 0, steps: int = 5, lr: floa
     opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-4 if dtype == torch.float16 else 1e-8)
     g = torch.Generator().manual_seed(seed + 1000)
     for _ in range(steps):
-        batch = zipf_tokens(g, vocab, BATCH)
+        tokens = zipf_tokens(g, vocab, batch)
         opt.zero_grad()
-        weighted_loss(model, wnet, batch).backward()
+        weighted_loss(model, wnet, tokens).backward()
         opt.step()
-    return Run(model, wnet, opt, zipf_tokens(g, vocab, BATCH), zipf_tokens(g, vocab, BATCH))
+    return Run(model, wnet, opt, zipf_tokens(g, vocab, batch), zipf_tokens(g, vocab, batch))
 
 
 def as_float64(run: Run) -> Run:

@@ -224,7 +224,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                         _accumulate(q, g)
                 direct = [None] * len(lam)
                 # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
-                # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
+                # hook combines (g⁻ − g⁺)/(2ε_r) per bucket and all-reduces it.
                 with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r):  # [precision hook 3/4]
                     with torch.enable_grad():
                         _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
