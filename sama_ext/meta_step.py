@@ -5,7 +5,8 @@
     2. v = diag(du/dg) ⊙ d        (fused kernel, in place in d; "sama_na": v = d)
     3. ε = α/‖v‖                  (on the device; zero or non-finite ‖v‖ skips the step)
     4. g± = dL_base(θ ± εv, λ)/dλ (θ perturbed in place; frozen() inputs held at their value at θ)
-    5. λ.grad += (g⁻ − g⁺)/(2ε)   (fused combine)
+    5. λ.grad += (g⁻ − g⁺)/(2ε_r) (fused combine; for 16-bit θ, ε_r = ⟨θ⁺−θ⁻, v⟩/(2‖v‖²) is the
+                                  step θ± really took after rounding, docs/precision.md; else ε)
     6. θ restored bit for bit, or left at θ − εv ("descend")
 
 Memory beyond the three passes: v (one θ-sized buffer, reusing d's storage) and one backup
@@ -22,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import ops, step_record
+from . import ops, precision, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
 from .frozen import current_recorder, recording, reset_recorder
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
@@ -40,7 +41,11 @@ class MetaStepInfo:
     meta_loss: Tensor   # L_meta at θ (detached)
     eps: Tensor         # ε = α/‖v‖ (0 when skipped)
     v_norm: Tensor      # ‖v‖
-    skipped: Tensor     # bool: ‖v‖ was zero, or ‖v‖, g⁺, g⁻ or dL_meta/dλ not finite (see meta_step)
+    skipped: Tensor     # bool: ‖v‖ was zero, or ‖v‖, g⁺, g⁻ or dL_meta/dλ not finite, or the perturbation lost
+    # what θ± = θ ± εv really moved after rounding to θ's dtype (docs/precision.md); None from the baselines
+    eps_realized: Tensor | None = None  # the ε divided by: ⟨θ⁺−θ⁻, v⟩/(2‖v‖²) for 16-bit θ, else ε (0 when skipped)
+    moved: Tensor | None = None         # int64: elements of θ⁺ that differ from θ (measured for 16-bit θ only: None)
+    lost: Tensor | None = None          # bool: nothing moved, or g⁺ == g⁻ bitwise (then skipped)
 
 
 def _scalar_loss(value, what: str) -> Tensor:
@@ -235,6 +240,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
 
             # 4-5. central difference; θ is restored on every exit (below)
             backup = [torch.empty_like(p) for p in theta]
+            measure = any(p.dtype in precision.STOCHASTIC_DTYPES for p in theta)
             rng = _rng_states({p.device for p in theta + lam})
             with recording() as rec:
                 if frozen_at == "theta":  # record frozen() inputs at θ itself (no graph needed)
@@ -243,13 +249,20 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     rec.replay()
                     _set_rng_states(rng)  # same dropout masks etc. in every evaluation
                 with signals_deferred():  # "θ perturbed" and "backup valid" become true together
-                    ops.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
+                    precision.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
                     saved = True
+                if measure:  # what rounding to 16 bits left of ±εv (one extra read of θ, backup, v)
+                    dot_p, moved_p = precision.moved(theta, backup, v)
                 with local():
                     g_plus = _meta_grads(base_loss, lam)
                 rec.replay()
                 _set_rng_states(rng)
-                ops.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
+                precision.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
+                if measure:
+                    dot_m, moved_m = precision.moved(theta, backup, v)
+                    eps_r, lost = precision.realized_eps(dot_p, -dot_m, sumsq, moved_p, moved_m, eps)
+                else:  # float32/float64: the perturbation is εv to working precision
+                    eps_r, lost, moved_p = eps, torch.zeros_like(ok), None
                 if meta_module is None:
                     with local():
                         g_minus = _meta_grads(base_loss, lam)
@@ -261,26 +274,31 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     direct = [None] * len(lam)
                     # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
                     # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
-                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
+                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r):
                         with torch.enable_grad():
                             _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
                 rec.check_consumed()
 
-        if meta_module is not None:
+        if meta_module is not None:  # (g⁻ exists only inside the hook: no g⁺ == g⁻ test)
             with signals_deferred():
-                _finish_theta(theta, backup, v, eps, base_update)
+                _finish_theta(theta, backup, v, torch.where(lost, torch.zeros_like(eps), eps), base_update)
                 if buffers is not None:
                     buffers.restore()
                 done = True
             if base_update == "descend":
                 # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
                 ddp.sync_params(theta, (base_module or meta_module).process_group)
-            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok)
+            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok | lost,
+                                eps_realized=eps_r, moved=moved_p, lost=lost)
 
         # A non-finite g±, or dL_meta/dλ, makes the whole step a no-op (decided on the device).
         finite = _all_finite([*g_plus, *g_minus, *direct], dev)
+        # a perturbation that did not reach the base loss (g⁺ == g⁻ bit for bit) carries no information
+        lost = lost | (ok & precision.unchanged_grads(g_plus, g_minus))
         used = [i for i, (a, b) in enumerate(zip(g_plus, g_minus)) if a is not None or b is not None]
-        eps_used = torch.where(finite, eps, torch.zeros_like(eps))
+        valid = finite & ~lost
+        eps_used = torch.where(valid, eps, torch.zeros_like(eps))      # θ under "descend"
+        eps_div = torch.where(valid, eps_r, torch.zeros_like(eps_r))   # the divisor of the difference
         with signals_deferred():  # θ, buffers and λ.grad are settled together
             _finish_theta(theta, backup, v, eps_used, base_update)
             if buffers is not None:
@@ -297,9 +315,10 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                           for i, o in zip(used, out)],
                          [_in_layout_of(g_plus[i], o) if g_plus[i] is not None else torch.zeros_like(o)
                           for i, o in zip(used, out)],
-                         eps_used, 1.0, True)
+                         eps_div, 1.0, True)
             done = True
-        return MetaStepInfo(meta_loss=lm.detach(), eps=eps_used, v_norm=norm, skipped=~(ok & finite))
+        return MetaStepInfo(meta_loss=lm.detach(), eps=eps_used, v_norm=norm, skipped=~(ok & valid),
+                            eps_realized=eps_div, moved=moved_p, lost=lost)
     finally:
         # an interrupt inside a context manager's exit (no_grad, recording) could skip its reset
         torch.set_grad_enabled(grad_mode)
@@ -315,12 +334,18 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
 
 def _finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:
     """θ back to the backup ("restore"), or θ − εv with one rounding from it ("descend"; eps = 0
-    for a step that turned out invalid leaves θ as it was)."""
+    for a step that turned out invalid leaves θ as it was). 16-bit θ⁻ was rounded stochastically:
+    it is kept where valid (recomputing it would draw new roundings), the backup taken otherwise."""
     with torch.no_grad():
         if base_update == "restore":
             torch._foreach_copy_(theta, backup)
-        else:
-            ops.perturb_from_(theta, backup, v, -eps)
+            return
+        plain = [i for i, p in enumerate(theta) if p.dtype not in precision.STOCHASTIC_DTYPES]
+        if plain:
+            ops.perturb_from_([theta[i] for i in plain], [backup[i] for i in plain], [v[i] for i in plain], -eps)
+        for i, p in enumerate(theta):
+            if p.dtype in precision.STOCHASTIC_DTYPES:
+                p.copy_(torch.where(eps != 0, p, backup[i]))
 
 
 def _all_finite(tensors, device) -> Tensor:

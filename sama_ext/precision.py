@@ -1,0 +1,158 @@
+"""What the central difference really perturbed (issue 18, docs/precision.md).
+
+θ± = θ ± εv are rounded to θ's dtype. In bfloat16 (8 significant bits) an element whose |εvᵢ| is
+below half an ulp of θᵢ does not move at all, so θ⁺ − θ⁻ is not 2εv: dividing g⁻ − g⁺ by 2ε
+then mis-scales the estimate, and when nothing the base loss depends on moved, g⁺ == g⁻ and the
+"meta-gradient" is an exact, silent 0.
+
+This module measures the realized perturbation from the tensors meta_step already holds (θ±, the
+backup of θ, v) and derives
+
+- ε_r = ⟨θ⁺ − θ⁻, v⟩ / (2‖v‖²) in float64: the step along v that θ⁺ − θ⁻ actually took (its
+  least-squares projection onto v). meta_step divides by 2ε_r instead of 2ε; ε_r == ε wherever
+  the rounding of θ± is negligible (float64, or float32 with the perturbation well above an ulp).
+- `lost`: nothing moved (no element of θ⁺ nor of θ⁻ differs from θ, or ε_r is not positive and
+  finite), or g⁺ == g⁻ bit for bit. Such a step is reported as skipped, never a silent 0.
+
+and, for bfloat16 and float16 params, rounds θ± = θ ± εv *stochastically* (up with probability
+equal to the fraction of the ulp covered, so that E[θ±] = θ ± εv exactly): an element whose |εvᵢ|
+is below half an ulp still moves in expectation, where round-to-nearest drops it every time. That
+was the better of the measured candidates (docs/precision.md). `rounding = "nearest"` restores the
+kernels' round-to-nearest everywhere; float32/float64 params always round to nearest.
+
+Everything stays on the device (no host synchronisation): the results are 0-dim tensors combined
+with torch.where.
+
+Cost: each `moved` call is one extra read pass over θ, the backup and v (here in Python; the
+fused perturb kernels could return the same two reductions from the pass they already make, as
+the adapt kernel returns Σv² — see docs/precision.md).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["moved", "realized_eps", "unchanged_grads", "perturb_save_", "perturb_from_", "manual_seed", "rounding"]
+
+# "auto": stochastic rounding of θ± for bfloat16/float16 params, the fused kernels' round-to-nearest
+# otherwise; "nearest": round-to-nearest for every dtype.
+rounding = "auto"
+STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
+_SEED = 0x5A3A
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the private generators of the stochastic rounding (the user's RNG is never used)."""
+    global _SEED
+    _SEED = int(seed)
+    _generators.clear()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    g = _generators.get(device)
+    if g is None:
+        g = _generators[device] = torch.Generator(device).manual_seed(_SEED)
+    return g
+
+
+def _stochastic(p: Tensor) -> bool:
+    if rounding not in ("auto", "nearest"):
+        raise ValueError(f"sama_ext.precision.rounding must be 'auto' or 'nearest', not {rounding!r}")
+    return rounding == "auto" and p.dtype in STOCHASTIC_DTYPES
+
+
+@torch.no_grad()
+def _axpy_stochastic(src: Tensor, v: Tensor, scale: Tensor) -> Tensor:
+    """src + scale·v rounded stochastically to src's (16-bit) dtype. The sum is formed in float32,
+    exact to 2⁻²⁴ relative, far below the 2⁻⁸ / 2⁻¹¹ of the ulp being split. A zero scale leaves
+    src as it is, even where v is not finite."""
+    s = scale.to(device=src.device, dtype=torch.float32)
+    x = src.float() + s * v.float()
+    near = x.to(src.dtype)
+    toward = torch.where(near.float() < x, torch.full_like(near, float("inf")), torch.full_like(near, -float("inf")))
+    other = torch.nextafter(near, toward)
+    gap = (other.float() - near.float()).abs()
+    prob = torch.where(gap > 0, (x - near.float()).abs() / gap, 0.0)
+    u = torch.rand(x.shape, generator=_generator(src.device), device=src.device, dtype=torch.float32)
+    out = torch.where(u < prob, other, near)
+    return torch.where(s == 0, src, out)
+
+
+def perturb_save_(params: Sequence[Tensor], vectors: Sequence[Tensor], backups: Sequence[Tensor], scale: Tensor) -> None:
+    """backup = θ, then θ = θ + scale·v: `ops.perturb_save_` (round-to-nearest), or stochastic
+    rounding for 16-bit params (Python prototype of a kernel variant, docs/precision.md)."""
+    sr = [_stochastic(p) for p in params]
+    near = [i for i, f in enumerate(sr) if not f]
+    if near:
+        ops.perturb_save_([params[i] for i in near], [vectors[i] for i in near], [backups[i] for i in near], scale)
+    with torch.no_grad():
+        for p, v, b, f in zip(params, vectors, backups, sr):
+            if f:
+                b.copy_(p)
+                p.copy_(_axpy_stochastic(b, v, scale))
+
+
+def perturb_from_(params: Sequence[Tensor], sources: Sequence[Tensor], vectors: Sequence[Tensor], scale: Tensor) -> None:
+    """θ = source + scale·v, rounded as in `perturb_save_`."""
+    sr = [_stochastic(p) for p in params]
+    near = [i for i, f in enumerate(sr) if not f]
+    if near:
+        ops.perturb_from_([params[i] for i in near], [sources[i] for i in near], [vectors[i] for i in near], scale)
+    with torch.no_grad():
+        for p, src, v, f in zip(params, sources, vectors, sr):
+            if f:
+                p.copy_(_axpy_stochastic(src, v, scale))
+
+
+@torch.no_grad()
+def moved(params: Sequence[Tensor], backups: Sequence[Tensor], vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(Σ (θᵢ − backupᵢ)·vᵢ in float64, number of elements with θᵢ ≠ backupᵢ as int64), on the
+    params' device. Elements that did not move contribute exactly 0 (also where v is not finite)."""
+    dev = params[0].device
+    dot = torch.zeros((), dtype=torch.float64, device=dev)
+    count = torch.zeros((), dtype=torch.int64, device=dev)
+    for p, b, v in zip(params, backups, vectors):
+        diff = p.double() - b.double()  # exact: the difference of two float32/16-bit numbers fits in float64
+        changed = diff != 0
+        dot += torch.where(changed, diff * v.double(), 0.0).sum()
+        count += changed.sum()
+    return dot, count
+
+
+def realized_eps(dot_plus: Tensor, dot_minus: Tensor, sumsq: Tensor, count_plus: Tensor,
+                 count_minus: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """(ε_r, lost) from the two `moved` results (θ⁺ against θ, θ against θ⁻: the caller passes
+    −dot of θ⁻ − θ) and Σv². ε_r is 0 where `lost` or where ε is 0 (a step skipped already, for
+    a zero or non-finite ‖v‖: that is not reported as lost)."""
+    er = (dot_plus + dot_minus) / (2 * sumsq.to(torch.float64))
+    lost = ((count_plus + count_minus == 0) | ~torch.isfinite(er) | (er <= 0)) & (eps != 0)
+    er = torch.where(lost | (eps == 0), torch.zeros_like(er), er)
+    return er, lost
+
+
+@torch.no_grad()
+def unchanged_grads(g_plus: Sequence[Tensor | None], g_minus: Sequence[Tensor | None]) -> Tensor:
+    """True (0-dim bool tensor) when every λ-gradient is bitwise the same at θ⁺ and θ⁻: the
+    perturbation did not reach the base loss, so the difference carries no information."""
+    same = None
+    for a, b in zip(g_plus, g_minus):
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            eq = torch.zeros((), dtype=torch.bool, device=(a if a is not None else b).device)
+        else:
+            eq = _bits(a).eq(_bits(b)).all()  # bitwise (-0.0 and 0.0 differ)
+        same = eq if same is None else same & eq
+    if same is None:
+        raise ValueError("sama_ext.precision: no λ-gradient to compare")
+    return same
+
+
+def _bits(t: Tensor) -> Tensor:
+    t = t.contiguous()
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
