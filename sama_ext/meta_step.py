@@ -210,16 +210,13 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 with local():
                     g_minus = _meta_grads(base_loss, lam)
             else:
-                # λ's direct gradient joins λ.grad first, so that it is averaged over ranks too.
-                for q, g in zip(lam, direct):
-                    if g is not None:
-                        _accumulate(q, g)
-                direct = [None] * len(lam)
                 # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
-                # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
-                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps):
+                # hook adds λ.grad's old value, λ's direct gradient and (g⁻ − g⁺)/(2ε) per bucket
+                # and all-reduces that. λ.grad is untouched unless the whole pass succeeds.
+                with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps, direct):
                     with torch.enable_grad():
                         _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
+                    rec.check_consumed()  # inside: its error must also leave λ.grad as it was
             rec.check_consumed()
     except BaseException:
         if saved:
