@@ -138,6 +138,8 @@ class Tally:
     def __init__(self):
         self.calls: list[str] = []     # "meta" / "base", in call order
         self.seq_at_call: list[int] = []
+        self.sync_at_call: list[tuple[bool, ...]] = []  # each DDP module's reducer armed for this forward?
+        self.modules: tuple = ()
         self.events: list[tuple[int, str]] = []
         self.pg = dist.distributed_c10d._get_default_group()
 
@@ -160,11 +162,12 @@ class Tally:
         def call():
             self.calls.append(tag)
             self.seq_at_call.append(self.seq())
+            self.sync_at_call.append(tuple(bool(m.require_backward_grad_sync) for m in self.modules))
             return fn()
         return call
 
     def start(self):
-        self.calls, self.seq_at_call, self.events = [], [], []
+        self.calls, self.seq_at_call, self.sync_at_call, self.events = [], [], [], []
         return self.seq()
 
 
@@ -188,9 +191,11 @@ def run_case(rank: int, name: str, cfg: dict, tally: Tally) -> dict:
                    x=x, y=y, xm=xm, ym=ym, prior=[q.grad.detach().clone() for q in lam], prior_from=prior_from)
         base_loss, meta_loss = losses(dbase, dwnet, x, y, xm, ym)
         seq0 = tally.start()
+        tally.modules = (dbase, dwnet)
         sama_ext.meta_step(list(base.parameters()), opt, lam, tally.wrap(base_loss, "base"),
                            tally.wrap(meta_loss, "meta"), alpha=ALPHA, base_module=dbase, meta_module=dwnet)
         rec.update(seq_start=seq0, seq_end=tally.seq(), calls=list(tally.calls), seq_at_call=list(tally.seq_at_call),
+                   sync_at_call=list(tally.sync_at_call),
                    events=list(tally.events), lam_grad=[q.grad.detach().clone() for q in lam],
                    lam_grad_strides=[q.grad.stride() for q in lam],
                    theta_after=[p.detach().clone() for p in base.parameters()])
