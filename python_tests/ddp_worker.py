@@ -256,6 +256,9 @@ def run_case(rank: int, name: str, cfg: dict, tally: Tally) -> dict:
             raised = str(e)
         if "handle" in seen:
             seen.pop("handle").remove()
+        # the aborted backward may leave bucket all-reduces in flight (every rank started the same
+        # ones); gloo's barrier waits for all earlier work, so none is pending at teardown
+        dist.barrier()
         out[f"fail_{how}"] = {
             "raised": raised, "calls": seen["calls"], "clobbered": seen["clobbered"],
             "same_objects": all(q.grad is g0 for q, g0 in zip(lam, grads_before)),

@@ -61,8 +61,11 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
 
         state.events.append((bucket.index(), time.perf_counter()))
     if state.armed:
-        out = torch.empty(buf.numel(), dtype=wire_dtype, device=buf.device)
         params = bucket.parameters()
+        prior = [(state.prior.get(id(p)), state.direct.get(id(p))) for p in params]
+        accumulate = any(a is not None or b is not None for a, b in prior)
+        # with a prior to add, combine in the bucket's dtype and round to the wire dtype once, after
+        out = torch.empty(buf.numel(), dtype=buf.dtype if accumulate else wire_dtype, device=buf.device)
         offsets = _offsets(buf, bucket.gradients())
         # Everything below is in the bucket's own layout (see _slot), so the fused combine may
         # treat each slot as flat memory and DDP unpacks `out` exactly as it packed g⁻.
@@ -72,8 +75,6 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
         for p, gm in zip(params, g_minus):
             gp = state.g_plus.get(id(p))
             g_plus.append(torch.zeros_like(gm) if gp is None else _in_layout_of(gp, gm))
-        prior = [(state.prior.get(id(p)), state.direct.get(id(p))) for p in params]
-        accumulate = any(a is not None or b is not None for a, b in prior)
         if accumulate:  # (λ.grad's old value + λ's direct gradient) / world; combine adds the difference
             for vw, (old, direct) in zip(views, prior):
                 if old is None and direct is None:
@@ -82,6 +83,8 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
                     total = old if direct is None else direct if old is None else old + direct
                     vw.copy_(total / world)  # copy_ writes logical values into the slot's layout
         ops.combine_(views, g_minus, g_plus, state.eps, 1.0 / world, accumulate)
+        if out.dtype != wire_dtype:
+            out = out.to(wire_dtype)
     else:
         out = buf.div(world) if wire_dtype == buf.dtype else buf.to(wire_dtype).div_(world)
     state.allreduces += 1
