@@ -12,8 +12,8 @@ Two modes:
   functions wrapped here, plus the process group's sequence number, which also counts DDP's own
   C++ collectives); then two meta steps whose pass 3 fails (in its forward; in its backward,
   after some buckets were written). It saves what the parent's independent oracle needs.
---mode train: a plain loop of base and meta steps (many steps with "descend", a rank that fails,
-  static_graph) for the tests of behaviour across steps.
+--mode train: a plain loop of base and meta steps (many steps with "descend", a rank that fails)
+  for the tests of behaviour across steps.
 """
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def train_mode(args) -> None:
     rank = args.rank
     base, wnet = make_base(), WeightNet()
     dbase = DDP(base)
-    dwnet = DDP(wnet, bucket_cap_mb=0.0005, static_graph=args.static_graph)
+    dwnet = DDP(wnet, bucket_cap_mb=0.0005)
     sdist.register_comm_hook(dwnet)
     opt = torch.optim.Adam(base.parameters(), lr=LR)
     meta_opt = torch.optim.SGD(wnet.parameters(), lr=0.1)
@@ -340,7 +340,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--base_update", default="restore")
     ap.add_argument("--fail_rank", type=int, default=-1)
-    ap.add_argument("--static_graph", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,

@@ -234,13 +234,7 @@ def test_a_failing_rank_does_not_hang_the_others(tmp_path):
     assert res[0].returncode != 0  # rank 0 gave up (collective timeout / peer gone) instead of hanging
 
 
-def test_static_graph_is_refused(tmp_path):
-    res = _launch(tmp_path, 2, mode="train", steps=1, static_graph=True, timeout=180)
-    assert all(r.returncode != 0 for r in res)
-    assert any("static_graph=True" in r.stderr for r in res)
-
-
-def test_meta_step_refuses_missing_hook_and_partial_coverage():
+def test_meta_step_refuses_missing_hook_partial_coverage_and_static_graph():
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -259,5 +253,10 @@ def test_meta_step_refuses_missing_hook_and_partial_coverage():
                                lambda: None, meta_module=dw)
         with pytest.raises(TypeError, match="DistributedDataParallel"):
             sama_ext.distributed.register_comm_hook(wnet)
+        static = DDP(ddp_worker.WeightNet(), static_graph=True)
+        sama_ext.distributed.register_comm_hook(static)
+        with pytest.raises(ValueError, match="static_graph=True"):  # checked before anything runs
+            sama_ext.meta_step(list(base.parameters()), opt, list(static.parameters()), lambda: None,
+                               lambda: None, meta_module=static)
     finally:
         torch.distributed.destroy_process_group()
