@@ -183,7 +183,7 @@ def test_ddp_passes_1_2_communicate_nothing_and_pass_3_once_per_bucket(check_run
             # DDP arms a module's reducer in a forward iff require_backward_grad_sync (no_sync()
             # clears it): only pass 3's meta module may be armed
             want_sync = [(False, False)] * last_base + [(False, True)]
-            assert rec["sync_at_call"] == want_sync, f"(base, meta) reducers armed per evaluation: {rec['sync_at_call']}"
+            assert rec["sync_at_call"] == want_sync, f"(base, meta) reducers armed: {rec['sync_at_call']}"
             late = [name for i, name in rec["events"] if i > last_base]
             assert late == ["all_reduce"] * n_buckets[step]
             assert rec["seq_end"] - rec["seq_at_call"][last_base] == n_buckets[step]
