@@ -10,8 +10,9 @@ Two modes:
   first before DDP rebuilds its buckets, the second after) with λ.grad already set, a meta loss
   that depends on λ directly, and every collective counted from outside (torch.distributed's
   functions wrapped here, plus the process group's sequence number, which also counts DDP's own
-  C++ collectives); then two meta steps whose pass 3 fails (in its forward; in its backward,
-  after some buckets were written). It saves what the parent's independent oracle needs.
+  C++ collectives); then three meta steps that fail in or right after pass 3 (in its forward; in
+  the frozen() consistency check after it; in its backward, after some buckets were written).
+  It saves what the parent's independent oracle needs.
 --mode train: a plain loop of base and meta steps (many steps with "descend", a rank that fails)
   for the tests of behaviour across steps.
 """
@@ -93,12 +94,12 @@ def batch(rank: int, step: int, n: int = 12):
     return x, y
 
 
-def losses(base_fn, wnet_fn, x, y, xm, ym):
+def losses(base_fn, wnet_fn, x, y, xm, ym, stop=sama_ext.frozen):
     """base_loss: weighted loss with the weights of a frozen per-sample loss, plus a float32
     side term; meta_loss: validation loss plus a term in λ itself (λ's direct gradient)."""
     def base_loss():
         per = F.cross_entropy(base_fn(x), y, reduction="none")
-        w, side = wnet_fn(sama_ext.frozen(per))
+        w, side = wnet_fn(stop(per))
         return (w * per).sum() / w.sum() + (per.float() * side).mean().double()
 
     def meta_loss():
@@ -223,11 +224,13 @@ def run_case(rank: int, name: str, cfg: dict, tally: Tally) -> dict:
     out["rebuilt_per_bucket_param_indices"] = log["rebuilt_per_bucket_param_indices"]
 
     # 3. pass 3 fails: λ.grad must be the same tensors with the same bits, θ restored
-    for how in ("forward", "backward"):
+    for how in ("forward", "frozen", "backward"):  # last: an aborted backward leaves DDP unusable
         x, y = batch(rank, 20 + len(how))
         base_step(dbase, wnet, opt, x, y)
         xm, ym = batch(rank, 10_020, n=8)
         base_loss, meta_loss = losses(dbase, dwnet, x, y, xm, ym)
+        # the same loss without its frozen() call: pass 3 succeeds, the consistency check after it raises
+        unfrozen = losses(dbase, dwnet, x, y, xm, ym, stop=torch.Tensor.detach)[0]
         grads_before = [q.grad for q in lam]
         bits_before = [q.grad.detach().clone() for q in lam]
         theta_before = [p.detach().clone() for p in base.parameters()]
@@ -245,6 +248,8 @@ def run_case(rank: int, name: str, cfg: dict, tally: Tally) -> dict:
                 return _f()
             if _how == "forward":
                 raise RuntimeError("injected pass-3 failure (forward)")
+            if _how == "frozen":
+                return unfrozen()
             seen["handle"] = wnet.kb.register_hook(raise_in_backward)
             return _f()
 

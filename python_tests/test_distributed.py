@@ -189,16 +189,20 @@ def test_ddp_passes_1_2_communicate_nothing_and_pass_3_once_per_bucket(check_run
             assert rec["seq_end"] - rec["seq_at_call"][last_base] == n_buckets[step]
 
 
-@pytest.mark.parametrize("how", ["forward", "backward"])
+@pytest.mark.parametrize("how", ["forward", "backward", "frozen"])
 @pytest.mark.parametrize("case", ["plain", "bucket_view"])
 def test_ddp_failing_pass_3_leaves_lambda_grad_as_it_was(check_run, case, how):
     """Pass 3 raises (in the forward; in the backward after some buckets were written, which with
-    gradient_as_bucket_view overwrites the old λ.grad's storage): λ.grad is the same tensors with
-    the same bits, θ is restored, the hook is disarmed."""
+    gradient_as_bucket_view overwrites the old λ.grad's storage), or the frozen() consistency check
+    right after a successful pass 3 does: λ.grad is the same tensors with the same bits, θ is
+    restored, the hook is disarmed."""
     world, data = check_run
     for d in data:
         f = d[case][f"fail_{how}"]
-        assert f["raised"] == f"injected pass-3 failure ({how})" and f["calls"] == 3
+        if how == "frozen":
+            assert f["raised"].startswith("sama_ext.frozen: base_loss called frozen() 1 times") and f["calls"] == 3
+        else:
+            assert f["raised"] == f"injected pass-3 failure ({how})" and f["calls"] == 3
         assert f["same_objects"] and f["same_bits"] and f["theta_restored"] and f["hook_disarmed"], f
         if case == "bucket_view" and how == "backward":
             assert f["clobbered"]  # the case really overwrote the old λ.grad in place
