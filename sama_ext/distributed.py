@@ -34,7 +34,8 @@ class SamaCommState:
     process_group: object = None
     compression: torch.dtype | None = None
     g_plus: dict = field(default_factory=dict)   # id(param) -> ∂L_base(θ⁺)/∂λ (None: no gradient)
-    prior: dict = field(default_factory=dict)    # id(param) -> λ.grad before pass 3 (averaged too)
+    prior: dict = field(default_factory=dict)    # id(param) -> copy of λ.grad before pass 3 (averaged too)
+    direct: dict = field(default_factory=dict)   # id(param) -> ∂L_meta/∂λ at θ (averaged too)
     eps: Tensor | None = None                     # armed when set
     allreduces: int = 0                           # all-reduces started (counted for tests/benchmarks)
     bytes_sent: int = 0
@@ -60,24 +61,30 @@ def _sama_hook(state: SamaCommState, bucket) -> torch.futures.Future:
 
         state.events.append((bucket.index(), time.perf_counter()))
     if state.armed:
-        out = torch.empty(buf.numel(), dtype=wire_dtype, device=buf.device)
         params = bucket.parameters()
-        grads = bucket.gradients()
-        views = _views(out, grads)
-        zeros = {}
+        prior = [(state.prior.get(id(p)), state.direct.get(id(p))) for p in params]
+        accumulate = any(a is not None or b is not None for a, b in prior)
+        # with a prior to add, combine in the bucket's dtype and round to the wire dtype once, after
+        out = torch.empty(buf.numel(), dtype=buf.dtype if accumulate else wire_dtype, device=buf.device)
+        offsets = _offsets(buf, bucket.gradients())
+        # Everything below is in the bucket's own layout (see _slot), so the fused combine may
+        # treat each slot as flat memory and DDP unpacks `out` exactly as it packed g⁻.
+        g_minus = [_slot(buf, p, off) for p, off in zip(params, offsets)]
+        views = [_slot(out, p, off) for p, off in zip(params, offsets)]
         g_plus = []
-        for p, g in zip(params, grads):
+        for p, gm in zip(params, g_minus):
             gp = state.g_plus.get(id(p))
-            g_plus.append(_flat_like(gp, g) if gp is not None else zeros.setdefault(g.dtype, torch.zeros_like(g)))
-        prior = [state.prior.get(id(p)) for p in params]
-        accumulate = any(x is not None for x in prior)
-        if accumulate:  # start from λ.grad's old value / world (combine adds the difference in place)
-            for vw, pr in zip(views, prior):
-                if pr is None:
+            g_plus.append(torch.zeros_like(gm) if gp is None else _in_layout_of(gp, gm))
+        if accumulate:  # (λ.grad's old value + λ's direct gradient) / world; combine adds the difference
+            for vw, (old, direct) in zip(views, prior):
+                if old is None and direct is None:
                     vw.zero_()
                 else:
-                    vw.copy_(pr.reshape(vw.shape) / world)
-        ops.combine_(views, grads, g_plus, state.eps, 1.0 / world, accumulate)
+                    total = old if direct is None else direct if old is None else old + direct
+                    vw.copy_(total / world)  # copy_ writes logical values into the slot's layout
+        ops.combine_(views, g_minus, g_plus, state.eps, 1.0 / world, accumulate)
+        if out.dtype != wire_dtype:
+            out = out.to(wire_dtype)
     else:
         out = buf.div(world) if wire_dtype == buf.dtype else buf.to(wire_dtype).div_(world)
     state.allreduces += 1
@@ -99,20 +106,43 @@ _sama_hook.__annotations__ = {"state": SamaCommState, "bucket": dist.GradBucket,
                               "return": torch.futures.Future[torch.Tensor]}
 
 
-def _flat_like(g: Tensor, bucket_view: Tensor) -> Tensor:
-    """g⁺ in the bucket view's (contiguous) layout, as the fused combine needs."""
-    if g.stride() == bucket_view.stride():
-        return g
-    return torch.empty_like(bucket_view).copy_(g)
-
-
-def _views(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    out, off = [], 0
-    for g in like:
-        n = g.numel()
-        out.append(flat[off:off + n].view(g.shape))
-        off += n
+def _offsets(buf: Tensor, flat_views: list[Tensor]) -> list[int]:
+    """Where each param's slot starts in the bucket. `bucket.gradients()` are row-major views of
+    those slots, which is NOT how the data inside is laid out (see _slot): only their offsets
+    are used."""
+    out = []
+    for t in flat_views:
+        if t.dtype != buf.dtype or t.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr():
+            raise RuntimeError("sama_ext.distributed: a DDP bucket's gradients are not views of its buffer "
+                               "(this PyTorch's GradBucket is not the one sama_ext was written for)")
+        out.append(t.storage_offset() - buf.storage_offset())
     return out
+
+
+def _slot(flat: Tensor, param: Tensor, offset: int) -> Tensor:
+    """param's slot in a bucket-sized flat tensor, in the layout DDP's reducer packs it
+    (Reducer::initialize_bucket_views): the param's own strides when it is dense and
+    non-overlapping (a transposed weight, a channels_last conv), row-major otherwise."""
+    strides = param.stride() if _dense(param) else torch.empty(param.shape, device="meta").stride()
+    return flat.as_strided(param.shape, strides, flat.storage_offset() + offset)
+
+
+def _dense(t: Tensor) -> bool:
+    """Tensor::is_non_overlapping_and_dense: the strides, sorted, are a row-major layout of the
+    sizes (size-1 dims, whose stride never matters, ignored)."""
+    need = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != need:
+            return False
+        need *= size
+    return True
+
+
+def _in_layout_of(g: Tensor, like: Tensor) -> Tensor:
+    """g with like's strides (autograd may return another layout, e.g. an expanded gradient)."""
+    if g.stride() == like.stride():
+        return g
+    return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device).copy_(g)
 
 
 def register_comm_hook(ddp_meta_module: DDP, compression: str | None = None,
@@ -174,12 +204,26 @@ def local_passes(base_module, meta_module):
 
 
 @contextmanager
-def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Tensor], eps: Tensor):
-    """Pass 3: arm the hook with g⁺, ε and λ.grad's prior values; λ.grad is emptied so that
-    DDP's buckets hold g⁻ alone, and receives the averaged result."""
+def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Tensor], eps: Tensor,
+                       direct: list):
+    """Pass 3: arm the hook with g⁺, ε, λ's direct gradient ∂L_meta/∂λ (`direct`, None where
+    there is none) and λ.grad's prior values. λ.grad is emptied so that DDP's buckets hold g⁻
+    alone, and receives the average over ranks of prior + direct + (g⁻ − g⁺)/(2ε).
+
+    Nothing is written into λ.grad before the pass succeeds; on any exception each λ.grad is
+    again the tensor it was, holding the values it had."""
+    if not (len(g_plus) == len(direct) == len(lam)):
+        raise ValueError(f"sama_ext.distributed.communicating_pass: {len(lam)} meta params but {len(g_plus)} "
+                         f"g_plus and {len(direct)} direct gradients")
     state: SamaCommState = meta_module._sama_state
+    old = [q.grad for q in lam]
+    # The hook reads copies: with gradient_as_bucket_view=True an old λ.grad is a view into a
+    # DDP bucket, which this backward overwrites with g⁻.
+    with torch.no_grad():
+        saved = [None if g is None else g.detach().clone() for g in old]
     state.g_plus = {id(q): g for q, g in zip(lam, g_plus)}
-    state.prior = {id(q): q.grad for q in lam if q.grad is not None}
+    state.prior = {id(q): s for q, s in zip(lam, saved) if s is not None}
+    state.direct = {id(q): g for q, g in zip(lam, direct) if g is not None}
     for q in lam:
         q.grad = None
     state.eps = eps
@@ -187,13 +231,17 @@ def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Te
         with (base_module.no_sync() if base_module is not None else nullcontext()):
             yield
     except BaseException:
-        for q in lam:  # give λ.grad its old value back
-            q.grad = state.prior.get(id(q))
+        with torch.no_grad():
+            for q, g, s in zip(lam, old, saved):
+                if g is not None:
+                    g.copy_(s)  # bit for bit (a bucket view may have been overwritten)
+                q.grad = g
         raise
     finally:
         state.eps = None
         state.g_plus = {}
         state.prior = {}
+        state.direct = {}
 
 
 def sync_params(params: list[Tensor], process_group=None) -> None:

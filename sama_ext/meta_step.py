@@ -1,7 +1,7 @@
 """`meta_step`: one SAMA meta-gradient step (DESIGN §2) — to the meta level what
 `loss.backward()` is to the base level.
 
-    1. d = dL_meta/dθ (and any direct dL_meta/dλ into λ.grad)
+    1. d = dL_meta/dθ (and any direct dL_meta/dλ, added to λ.grad with the result)
     2. v = diag(du/dg) ⊙ d        (fused kernel, in place in d; "sama_na": v = d)
     3. ε = α/‖v‖                  (on the device; zero or non-finite ‖v‖ skips the step)
     4. g± = dL_base(θ ± εv, λ)/dλ (θ perturbed in place; frozen() inputs held at their value at θ)
@@ -267,16 +267,13 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     with local():
                         g_minus = _meta_grads(base_loss, lam)
                 else:
-                    # λ's direct gradient joins λ.grad first, so that it is averaged over ranks too.
-                    for q, g in zip(lam, direct):
-                        if g is not None:
-                            _accumulate(q, g)
-                    direct = [None] * len(lam)
                     # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
-                    # hook combines (g⁻ − g⁺)/(2ε) per bucket and all-reduces it.
-                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r):
+                    # hook adds λ.grad's old value, λ's direct gradient and (g⁻ − g⁺)/(2ε) per bucket
+                    # and all-reduces that. λ.grad is untouched unless the whole pass succeeds.
+                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r, direct):
                         with torch.enable_grad():
                             _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
+                        rec.check_consumed()  # inside: its error must also leave λ.grad as it was
                 rec.check_consumed()
 
         if meta_module is not None:  # (g⁻ exists only inside the hook: no g⁺ == g⁻ test)
