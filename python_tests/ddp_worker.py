@@ -223,6 +223,30 @@ def run_case(rank: int, name: str, cfg: dict, tally: Tally) -> dict:
     out["rebuilt_bucket_sizes"] = log["rebuilt_bucket_sizes"]
     out["rebuilt_per_bucket_param_indices"] = log["rebuilt_per_bucket_param_indices"]
 
+    # 3a. rank 1's L_base is not finite at θ+εv: the all-reduce spreads that to every rank, and every
+    # rank must skip the step (λ.grad's bits as before, θ restored) without another collective
+    x, y = batch(rank, 30)
+    base_step(dbase, wnet, opt, x, y)
+    xm, ym = batch(rank, 10_030, n=8)
+    base_loss, meta_loss = losses(dbase, dwnet, x, y, xm, ym)
+    calls = [0]
+
+    def blows_up(_f=base_loss):
+        calls[0] += 1
+        loss = _f()
+        return loss * float("inf") if rank == 1 and calls[0] == 2 else loss
+
+    g = torch.Generator().manual_seed(78)
+    for q in lam:
+        q.grad = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.dtype)
+    bits_before = [q.grad.detach().clone() for q in lam]
+    theta_before = [p.detach().clone() for p in base.parameters()]
+    info = sama_ext.meta_step(list(base.parameters()), opt, lam, blows_up, meta_loss, alpha=ALPHA,
+                              base_module=dbase, meta_module=dwnet)
+    out["nonfinite"] = {"skipped": bool(info.skipped),
+                        "same_bits": all(same_bits(q.grad, b) for q, b in zip(lam, bits_before)),
+                        "theta_restored": all(same_bits(p, t) for p, t in zip(base.parameters(), theta_before))}
+
     # 3. pass 3 fails: λ.grad must be the same tensors with the same bits, θ restored
     for how in ("forward", "frozen", "backward"):  # last: an aborted backward leaves DDP unusable
         x, y = batch(rank, 20 + len(how))

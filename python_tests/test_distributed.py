@@ -208,6 +208,16 @@ def test_ddp_failing_pass_3_leaves_lambda_grad_as_it_was(check_run, case, how):
             assert f["clobbered"]  # the case really overwrote the old λ.grad in place
 
 
+@pytest.mark.parametrize("case", ["plain", "bucket_view"])
+def test_ddp_nonfinite_on_one_rank_skips_the_step_on_all(check_run, case):
+    """Rank 1's L_base is not finite at θ+εv: every rank reports a skipped step, keeps λ.grad's
+    bits and θ (the all-reduce makes the result non-finite everywhere, so no extra collective)."""
+    world, data = check_run
+    for d in data:
+        f = d[case]["nonfinite"]
+        assert f["skipped"] and f["same_bits"] and f["theta_restored"], f
+
+
 def test_ddp_compression_bf16_within_tolerance(check_run):
     world, data = check_run
     for step in range(2):

@@ -227,9 +227,20 @@ def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Te
     for q in lam:
         q.grad = None
     state.eps = eps
+    outcome = _PassOutcome()
     try:
         with (base_module.no_sync() if base_module is not None else nullcontext()):
-            yield
+            yield outcome
+        # A non-finite g± on any rank reaches every rank through the all-reduce (identically), so
+        # each rank can decide alone, without another collective: such a step changes nothing.
+        with torch.no_grad():
+            new = [q.grad for q in lam if q.grad is not None]
+            flags = [torch.isfinite(g).all() for g in new]
+            finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=eps.device)
+            for q, s in zip(lam, saved):
+                if q.grad is not None:
+                    q.grad.copy_(torch.where(finite, q.grad, s if s is not None else torch.zeros_like(q.grad)))
+        outcome.finite = finite.to(eps.device)
     except BaseException:
         with torch.no_grad():
             for q, g, s in zip(lam, old, saved):
@@ -242,6 +253,12 @@ def communicating_pass(base_module, meta_module: DDP, g_plus: list, lam: list[Te
         state.g_plus = {}
         state.prior = {}
         state.direct = {}
+
+
+class _PassOutcome:
+    """What pass 3 found: `finite` (0-dim bool tensor) is False when the averaged result was not
+    finite and λ.grad was given its old values back."""
+    finite: Tensor | None = None
 
 
 def sync_params(params: list[Tensor], process_group=None) -> None:

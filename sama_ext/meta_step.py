@@ -270,22 +270,23 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
                     # hook adds λ.grad's old value, λ's direct gradient and (g⁻ − g⁺)/(2ε) per bucket
                     # and all-reduces that. λ.grad is untouched unless the whole pass succeeds.
-                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r, direct):
+                    with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r, direct) as pass3:
                         with torch.enable_grad():
                             _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
                         rec.check_consumed()  # inside: its error must also leave λ.grad as it was
                 rec.check_consumed()
 
         if meta_module is not None:  # (g⁻ exists only inside the hook: no g⁺ == g⁻ test)
+            valid = pass3.finite & ~lost  # not finite anywhere: λ.grad was given its old values back
             with signals_deferred():
-                _finish_theta(theta, backup, v, torch.where(lost, torch.zeros_like(eps), eps), base_update)
+                _finish_theta(theta, backup, v, torch.where(valid, eps, torch.zeros_like(eps)), base_update)
                 if buffers is not None:
                     buffers.restore()
                 done = True
             if base_update == "descend":
                 # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
                 ddp.sync_params(theta, (base_module or meta_module).process_group)
-            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~ok | lost,
+            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~(ok & valid),
                                 eps_realized=eps_r, moved=moved_p, lost=lost)
 
         # A non-finite g±, or dL_meta/dλ, makes the whole step a no-op (decided on the device).
