@@ -27,7 +27,10 @@ from optim_oracle import StepRecord, _clone_state, oracle_diagonal
 
 # torch.func's forward AD lazily scripts its decompositions on first use (torch.jit deprecation
 # warning); not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# Every meta_step/adapt call here runs under the sync guard (conftest.guard_syncs): a host read
+# of a device tensor inside them fails the test.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("guard_syncs")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
