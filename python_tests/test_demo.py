@@ -7,7 +7,7 @@ runs with its means and standard deviations, that the README's configuration is 
 default one, and that the numbers quoted in the prose are the table's. Whether this code
 reproduces the table's values needs the demo itself (3 seeds × 4 methods × 60 epochs, 1-2 min
 on 2 idle cores): test_readme_table_holds_seed_0 runs one seed of it (about a third of that)
-when SAMA_EXT_SLOW_TESTS=1, and is skipped otherwise.
+when SAMA_EXT_SLOW_TESTS=1 (about 2 min on the loaded CI VM), and is skipped otherwise.
 """
 from __future__ import annotations
 
@@ -202,12 +202,16 @@ def test_readme_prose_quotes_the_table():
 
 
 @pytest.mark.skipif(os.environ.get("SAMA_EXT_SLOW_TESTS") != "1",
-                    reason="runs seed 0 of the README's demo (~30 s on 2 idle cores); set SAMA_EXT_SLOW_TESTS=1")
+                    reason="runs seed 0 of the README's demo (30 s-2 min); set SAMA_EXT_SLOW_TESTS=1")
 def test_readme_table_holds_seed_0(tmp_path):
     """Of n = 3 values with mean m and sample std s, each lies within m ± s·(n−1)/√n: seed 0 of the
     demo with its defaults must fall inside every interval of the README's table (plus rounding),
-    if this code produced the table. (The training is deterministic on one machine; another CPU's
-    kernels can move the last digits.)"""
+    if this code produced the table in this environment. The training is deterministic on one
+    machine (two runs gave identical curves), but 60 epochs amplify any difference in the CPU
+    kernels or library versions: a failure means the table does not describe this environment —
+    rerun the demo and update the README (on 2026-12-02, on the project's 2-core VM with torch
+    2.14.1, seed 0 fell outside two of the twelve intervals: plain (noisy + meta set) early-stopped
+    83.6 vs 87.2 ± 1.9, SAMA early-stopped 92.6 vs 88.8 ± 1.6)."""
     _, v = _readme_table()
     assert demo.main(["--seeds", "1", "--out", str(tmp_path), "--no-progress"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
