@@ -77,13 +77,24 @@ class _Guard(TorchDispatchMode):
         shape = "" if t is None else f" (a {tuple(t.shape)} {t.dtype} tensor)"
         raise HostSyncError(f"{self.what}: device->host read via {how}{shape}; on a GPU this synchronises")
 
+    def _all_host(self, args, kwargs) -> tuple[bool, torch.Tensor | None]:
+        """(every tensor argument is a host tensor and there is one, the first tensor argument);
+        arguments are tensors, or lists/tuples of them (foreach ops, indices)."""
+        first, seen = None, False
+        for a in (*args, *kwargs.values()):
+            for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                if isinstance(t, torch.Tensor):
+                    first = t if first is None else first
+                    seen = True
+                    if id(t) not in self.host:
+                        return False, first
+        return seen, first
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        all_host = bool(tensors) and all(self.is_host(t) for t in tensors)
+        all_host, first = self._all_host(args, kwargs)
         if (func in _SYNCING or _is_bool_index(func, args)) and not all_host:
-            self.fail(str(func), tensors[0] if tensors else None)
+            self.fail(str(func), first)
         out = func(*args, **kwargs)
         if all_host:  # a CPU op on host tensors stays on the host
             for o in tree_flatten(out)[0]:
