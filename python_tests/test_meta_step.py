@@ -27,7 +27,10 @@ from optim_oracle import StepRecord, _clone_state, oracle_diagonal
 
 # torch.func's forward AD lazily scripts its decompositions on first use (torch.jit deprecation
 # warning); not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+# Every meta_step/adapt call here runs under the sync guard (conftest.guard_syncs): a host read
+# of a device tensor inside them fails the test.
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("guard_syncs")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"))]
@@ -267,10 +270,12 @@ def test_neumann_converges_to_true_hypergradient(device):
 
 def test_sama_cosine_with_true_hypergradient(record_property):
     """At a converged SGD base, SAMA = 2β·lr·∇L_meta(w*) while the truth is β A⁻¹ ∇L_meta(w*):
-    the cosine between them depends on A's conditioning. Reported, asserted only > 0."""
+    the cosine between them depends on A's conditioning. It must equal cos(d, A⁻¹d) computed
+    here in float64, and for SPD A that is at least the Kantorovich bound 2√κ/(1+κ)."""
     report = {}
     for kappa in (5.0, 74.0):
         cs = []
+        bound = 2 * math.sqrt(kappa) / (1 + kappa)
         for seed in range(8):
             pr = Ridge(seed=100 + seed, kappa=kappa, beta=1.0)
             assert math.isclose(float(torch.linalg.cond(pr.A())), kappa, rel_tol=1e-6)
@@ -280,7 +285,9 @@ def test_sama_cosine_with_true_hypergradient(record_property):
             train([pr.w], opt, pr.base_loss, 1, [pr.lam])  # ∇ ≈ 0: w stays at w*
             sama_ext.meta_step([pr.w], opt, [pr.lam], pr.base_loss, pr.meta_loss)
             c = cosine(pr.lam.grad, pr.true_hypergrad())
-            assert c > 0
+            d = pr.d()
+            assert c == pytest.approx(cosine(d, torch.linalg.solve(pr.A(), d)), abs=1e-9)
+            assert c >= bound - 1e-9
             cs.append(c)
         report[kappa] = (sum(cs) / len(cs), min(cs), max(cs))
         record_property(f"sama_cos_true_kappa{kappa:g}_mean", report[kappa][0])
@@ -461,8 +468,16 @@ def test_frozen_at_default_alpha():
     c = pb.per_sample().detach()
     g_p = pb.grad_lam([t.detach() + eps * u for t, u in zip(pb.theta, v)], c)
     g_m = pb.grad_lam([t.detach() - eps * u for t, u in zip(pb.theta, v)], c)
-    at_theta = cosine([(a - b) / (2 * eps) for a, b in zip(g_m, g_p)], oracle)
+    held = [(a - b) / (2 * eps) for a, b in zip(g_m, g_p)]
+    at_theta = cosine(held, oracle)
     print(f"α=1: frozen {cos['frozen']:.4f}, detach {cos['detach']:.4f}, input held at ℓ(θ) {at_theta:.4f}")
+    # meta_step with frozen computes exactly that brute-force difference, even at α = 1 ...
+    for q in pb.lam:
+        q.grad = None
+    sama_ext.meta_step(pb.theta, opt, pb.lam, pb.base_loss_fn(sama_ext.frozen), pb.meta_loss, alpha=1.0)
+    assert_close_scaled([q.grad for q in pb.lam], held, rtol=1e-9)
+    assert cos["frozen"] == pytest.approx(at_theta, abs=1e-9)
+    # ... which at α = 1 is still the one-step hypergradient (frozen's error is O(α²))
     assert cos["frozen"] > 0.999
 
 
