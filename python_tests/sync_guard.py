@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from typing import Iterable
 
 import torch
+
+from sama_ext import step_record
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -152,6 +154,12 @@ def host_tensors_of(*optimizers: torch.optim.Optimizer) -> list[torch.Tensor]:
                 for t in tree_flatten(val)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                         out.append(t)
+        # the hyperparameters of the last step as sama_ext.step_record copied them (same devices)
+        rec = step_record._records.get(opt)
+        for snap in (rec.groups.values() if rec is not None else ()):
+            for t in tree_flatten(list(snap.values()))[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    out.append(t)
         for st in opt.state.values():
             s = st.get("step") if isinstance(st, dict) else None
             if isinstance(s, torch.Tensor) and s.device.type == "cpu":
