@@ -18,10 +18,10 @@
 #include <cstdlib>
 #endif
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #define SAMA_UNROLL _Pragma("unroll")
 #else
-#define SAMA_UNROLL  // the loops' bounds are compile-time constants: host compilers unroll them anyway
+#define SAMA_UNROLL  // host passes: the bounds are compile-time constants, compilers unroll anyway
 #endif
 
 namespace sama {

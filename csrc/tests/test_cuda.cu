@@ -1,7 +1,8 @@
 // The CUDA launcher (csrc/cuda/multi_tensor.cu: cuda_run, cuda_sum_partials) against the CPU
 // loop (cpu_apply.h) on the same random inputs: every functor, every storage type, hundreds
 // of tensors of odd sizes (several launches), 64K-chunk boundaries, a tensor split across
-// launches, misaligned sub-pointers (the non-vector path), per-tensor device scalars.
+// launches, sub-pointers misaligned alike in every list (scalar prologue, then 128-bit access)
+// or out of phase (the scalar path), per-tensor device scalars. Usage: sama_test_cuda [quick].
 //
 // What must agree exactly: Axpy, AxpySave, Combine and ConstDiag outputs (explicit fma or a
 // lone multiply/subtract, exactly rounded on both sides; the 16-bit conversions are RNE on
@@ -92,14 +93,22 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   constexpr int kGuard = 5;
   constexpr int W_in = 16 / int(sizeof(Tin)), W_out = 16 / int(sizeof(Tout));
 
-  // Layout: per list, tensors at 16-byte aligned offsets, some shifted by a few elements so
-  // that their pointers are misaligned for 128-bit access (the scalar path).
+  // Layout: per list, tensors at 16-byte aligned offsets; some shifted by the same few elements
+  // in every list (as DDP bucket views: the kernel's scalar prologue, then 128-bit access), some
+  // shifted independently per list (out of phase: the scalar path).
+  constexpr int W_kernel = 16 / int(sizeof(Tin) > sizeof(Tout) ? sizeof(Tin) : sizeof(Tout));
+  std::vector<int> common_shift(size_t(n), 0), independent(size_t(n), 0);
+  for (int64_t t = 0; t < n; ++t) {
+    const double u = r.uniform();
+    if (u < 0.25 && W_kernel > 1) common_shift[size_t(t)] = int(1 + r.below(W_kernel - 1));
+    else if (u < 0.45) independent[size_t(t)] = 1;
+  }
   std::vector<std::vector<int64_t>> in_off(Op::kIn), out_off(Op::kOut);
   std::vector<int64_t> in_total(Op::kIn, 0), out_total(Op::kOut, 0);
   auto place = [&](std::vector<int64_t>& off, int64_t& total, int W) {
     for (int64_t t = 0; t < n; ++t) {
-      int64_t o = (total + 15) / 16 * 16;
-      if (W > 1 && r.chance(0.25)) o += 1 + r.below(W - 1);
+      int64_t o = (total + 15) / 16 * 16 + common_shift[size_t(t)];
+      if (W > 1 && independent[size_t(t)]) o += 1 + r.below(W - 1);
       off.push_back(o);
       total = o + sizes[size_t(t)] + kGuard;
     }
