@@ -156,8 +156,9 @@ def step_ctest(ctx: Ctx, r: Result) -> None:
     log = (ctx.out / "logs" / "ctest.log").read_text(errors="replace")
     ran_cuda = "cuda" in log and "Not Run" not in log and "***Skipped" not in log and (b / "sama_test_cuda").exists()
     r.status = "ok"
-    summary = [ln.strip() for ln in log.splitlines() if "tests passed" in ln or "Skipped" in ln]
-    r.note = "; ".join(summary[-3:])
+    passed = [ln.strip() for ln in log.splitlines() if "tests passed" in ln]
+    skipped = [ln.split("-", 1)[1].strip() for ln in log.splitlines() if ln.strip().endswith("(Skipped)")]
+    r.note = (passed[-1] if passed else "") + (f"; skipped (exit 77: no GPU): {', '.join(skipped)}" if skipped else "")
     if ctx.gpu and not ran_cuda:
         r.status, r.note = "FAILED", "the CUDA test did not run on the GPU: " + r.note
 
