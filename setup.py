@@ -34,7 +34,8 @@ class BuildPyWithSources(build_py):
 def aot_extension():
     """The optional ahead-of-time build (SAMA_EXT_AOT=1): the same sources and flags as the JIT
     build, minus -march=native (the wheel may run elsewhere); CUDA kernels whenever torch has
-    CUDA and a toolkit is found (no GPU needed to compile)."""
+    CUDA and a toolkit of CUDA >= 12.1 is found (no GPU needed to compile), for the visible GPUs,
+    TORCH_CUDA_ARCH_LIST, or else a default list of sm_70+ architectures (sama_ext/_build.py)."""
     if os.environ.get("SAMA_EXT_AOT") != "1":
         return [], {}
     import sys
@@ -44,9 +45,13 @@ def aot_extension():
 
     import torch
 
-    cfg = _build.build_config(torch, aot=True)
+    cfg = _build.build_config(torch, aot=True)  # BuildError under SAMA_EXT_CUDA=1 if CUDA cannot be built
     if cfg.with_cuda:
         os.environ["CUDA_HOME"] = str(cfg.cuda_home)
+        print(f"sama_ext: ahead-of-time build with CUDA kernels for {';'.join(str(a) for a in cfg.cuda_archs)} "
+              f"({cfg.arch_source})")
+    else:
+        print(f"sama_ext: ahead-of-time build of the CPU kernels only: {cfg.why_no_cuda}")
     from torch.utils import cpp_extension
 
     cpp_extension.CUDA_HOME = str(cfg.cuda_home) if cfg.with_cuda else cpp_extension.CUDA_HOME

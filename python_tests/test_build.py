@@ -227,3 +227,163 @@ def test_launch_plan_indexes_past_2_to_the_31():
     assert chunks == list(range((n + (1 << 16) - 1) >> 16))
     assert chunks[-1] * (1 << 16) > 2**31  # int64 start offsets
     assert mod.cuda_max_slots(7) >= 256  # hundreds of tensors per launch even for Adam's 7 lists
+
+
+# ----------------------------------------------------------------------------- CUDA gating
+# build_config with faked inputs (torch's CUDA version, the visible GPUs, nvcc's answers): each
+# case a real machine can present, without a multi-minute build.
+def _fake_torch(cuda: str | None = "13.0", caps=()):
+    from types import SimpleNamespace
+
+    caps = list(caps)
+    return SimpleNamespace(
+        __version__="2.14.1", version=SimpleNamespace(cuda=cuda),
+        cuda=SimpleNamespace(is_available=lambda: bool(caps), device_count=lambda: len(caps),
+                             get_device_capability=lambda i: caps[i]))
+
+
+NVCC_13_ARCHES = [(7, 5), (8, 0), (8, 6), (8, 7), (8, 8), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0), (12, 0), (12, 1)]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch, tmp_path):
+    """A toolkit that is found, and an nvcc whose version and architectures the test sets."""
+    for var in ("SAMA_EXT_CUDA", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_build, "find_cuda_home", lambda *a: (tmp_path / "cuda", "test"))
+    facts = {"version": (13, 0), "arches": NVCC_13_ARCHES}
+    monkeypatch.setattr(_build, "nvcc_facts", lambda root: (facts["version"], facts["arches"]))
+    return facts
+
+
+def test_old_toolkit_keeps_the_cpu_kernels_and_says_why(fake_cuda, monkeypatch):
+    fake_cuda["version"] = (11, 8)
+    cfg = _build.build_config(_fake_torch("11.8", caps=[(8, 0)]))
+    assert not cfg.with_cuda and "-fopenmp" in cfg.cflags and "-DSAMA_EXT_WITH_CUDA" not in cfg.cflags
+    assert "CUDA 11.8" in cfg.why_no_cuda and "12.1" in cfg.why_no_cuda and "R530" in cfg.why_no_cuda
+    monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+    with pytest.raises(BuildError, match=r"SAMA_EXT_CUDA=1 but the CUDA kernels cannot be built: nvcc is CUDA 11\.8"):
+        _build.build_config(_fake_torch("11.8", caps=[(8, 0)]))
+
+
+def test_torch_built_for_old_cuda_is_refused_too(fake_cuda):
+    fake_cuda["version"] = (12, 4)
+    cfg = _build.build_config(_fake_torch("11.8", caps=[(8, 0)]))
+    assert not cfg.with_cuda and "torch's CUDA is CUDA 11.8" in cfg.why_no_cuda
+    assert _build.build_config(_fake_torch("12.1", caps=[(8, 0)])).with_cuda
+
+
+def test_empty_arch_list_is_a_clear_error(fake_cuda, monkeypatch):
+    monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+    for empty in ("", " ; "):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", empty)
+        with pytest.raises(BuildError, match="TORCH_CUDA_ARCH_LIST=.* names no GPU architecture"):
+            _build.build_config(_fake_torch(caps=()))
+
+
+def test_no_gpu_with_cuda_forced_builds_a_default_arch_list(fake_cuda, monkeypatch):
+    monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+    cfg = _build.build_config(_fake_torch(caps=()))
+    assert cfg.with_cuda
+    # 7.0 is in the defaults but CUDA 13's nvcc cannot build it: left out, not an error
+    assert [str(a) for a in cfg.cuda_archs] == ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0+PTX"]
+    assert "-gencode=arch=compute_75,code=sm_75" in cfg.cuda_cflags
+    assert "-gencode=arch=compute_120,code=compute_120" in cfg.cuda_cflags  # PTX of the newest
+    assert "TORCH_CUDA_ARCH_LIST is unset" in cfg.arch_source
+    # the same for the ahead-of-time build (setup.py), whatever SAMA_EXT_CUDA says
+    monkeypatch.delenv("SAMA_EXT_CUDA")
+    assert _build.build_config(_fake_torch(caps=()), aot=True).cuda_archs == cfg.cuda_archs
+    # with CUDA 12.4's nvcc, 7.0 is built as well
+    fake_cuda["arches"] = [(5, 0), (6, 0), (7, 0), (7, 5), (8, 0), (8, 6), (8, 9), (9, 0)]
+    assert [str(a) for a in _build.build_config(_fake_torch(caps=()), aot=True).cuda_archs] == \
+        ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0+PTX"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows torch's own failure without a GPU")
+def test_explicit_gencode_flags_keep_torch_from_guessing(fake_cuda, monkeypatch):
+    """Without a GPU and TORCH_CUDA_ARCH_LIST, torch's arch guess dies with an IndexError (the
+    bug this gating avoids); given our explicit -gencode flags it adds nothing."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+    cfg = _build.build_config(_fake_torch(caps=()))
+    with pytest.raises(IndexError):
+        cpp_extension._get_cuda_arch_flags([])
+    assert cpp_extension._get_cuda_arch_flags(cfg.cuda_cflags) == []
+
+
+def test_architectures_below_sm70_are_refused(fake_cuda, monkeypatch):
+    fake_cuda["arches"] = [(6, 1), (7, 0), (8, 0)]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.1;8.0")
+    cfg = _build.build_config(_fake_torch(caps=[(8, 0)]))
+    assert not cfg.with_cuda and "6.1" in cfg.why_no_cuda and "7.0+" in cfg.why_no_cuda
+    monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+    with pytest.raises(BuildError, match=r"TORCH_CUDA_ARCH_LIST='6.1;8.0' includes 6.1"):
+        _build.build_config(_fake_torch(caps=[(8, 0)]))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setenv("SAMA_EXT_CUDA", "auto")
+    cfg = _build.build_config(_fake_torch(caps=[(6, 1)]))  # a Pascal card alone
+    assert not cfg.with_cuda and "compute capability 6.1" in cfg.why_no_cuda
+
+
+def test_visible_gpus_choose_the_architectures(fake_cuda, monkeypatch):
+    cfg = _build.build_config(_fake_torch(caps=[(9, 0), (8, 0)]))
+    assert [str(a) for a in cfg.cuda_archs] == ["8.0", "9.0+PTX"] and cfg.arch_source == "the visible GPUs"
+    assert cfg.cuda_cflags[-3:] == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                                    "-gencode=arch=compute_90,code=compute_90"]
+    # a GPU newer than nvcc: its newest older architecture, with PTX for the driver to compile
+    fake_cuda["arches"] = [(8, 0), (9, 0)]
+    assert [str(a) for a in _build.build_config(_fake_torch(caps=[(12, 0)])).cuda_archs] == ["9.0+PTX"]
+    # TORCH_CUDA_ARCH_LIST wins, named architectures and sm_90a included
+    fake_cuda["arches"] = NVCC_13_ARCHES
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "Ampere 9.0a")
+    assert [str(a) for a in _build.build_config(_fake_torch(caps=[(9, 0)])).cuda_archs] == ["8.0", "8.6", "9.0a+PTX"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "sm_90")
+    with pytest.raises(BuildError, match="'sm_90' is not an architecture"):
+        monkeypatch.setenv("SAMA_EXT_CUDA", "1")
+        _build.build_config(_fake_torch(caps=[(9, 0)]))
+
+
+def test_cache_key_includes_the_gpus_and_nvcc(fake_cuda, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.cpp").write_text("int x;\n")
+
+    def key(caps, nvcc):
+        fake_cuda["version"] = nvcc
+        t = _fake_torch(caps=caps)
+        return _build._fingerprint(t, _build.build_config(t), src)
+
+    base = key([(9, 0)], (13, 0))
+    assert base == key([(9, 0)], (13, 0))
+    assert base != key([(8, 0)], (13, 0))          # an A100 node must not load an H100 node's build
+    assert base == key([(9, 0), (9, 0)], (13, 0))  # two GPUs of one kind: the same build
+    assert base != key([(9, 0)], (12, 8))          # another nvcc
+
+
+def test_driver_too_old_turns_cuda_kernels_off_at_load(monkeypatch):
+    assert _build.check_driver(None) == "" and _build.check_driver(12010) == "" and _build.check_driver(13000) == ""
+    why = _build.check_driver(11080)
+    assert "CUDA 11.8" in why and "R530" in why
+    monkeypatch.setattr(_build, "driver_version", lambda: 12000)
+    loaded = _build._checked(_build.Loaded(object(), True, "", "x"), _fake_torch(caps=[(9, 0)]))
+    assert not loaded.with_cuda and "CUDA 12.0" in loaded.why_no_cuda
+    monkeypatch.setattr(_build, "driver_version", lambda: 12080)
+    assert _build._checked(_build.Loaded(object(), True, "", "x"), _fake_torch(caps=[(9, 0)])).with_cuda
+
+
+def test_nvcc_version_and_arch_parsing():
+    text = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.1, V12.1.105\n"
+    assert _build.parse_nvcc_version(text) == (12, 1)
+    assert _build.parse_nvcc_version("garbage") is None
+    assert [str(a) for a in _build.parse_arch_list("7.5;8.6+PTX 10.0")] == ["7.5", "8.6+PTX", "10.0"]
+    with pytest.raises(_build.NoCuda):
+        _build.parse_arch_list("8.0;ninety")
+
+
+@pytest.mark.skipif(_cuda_compile_possible() is not None, reason=str(_cuda_compile_possible()))
+def test_this_machines_nvcc_is_read():
+    home, _ = find_cuda_home(torch.version.cuda)
+    version, arches = _build.nvcc_facts(home)
+    assert version is not None and version >= _build.MIN_CUDA
+    assert arches is not None and (9, 0) in arches

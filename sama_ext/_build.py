@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,180 @@ def _system_toolkits() -> list[Path]:
     return [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True), Path("/opt/cuda")]
 
 
+# The kernels pass ~30 KB of metadata in the kernel argument (csrc/core/kernel_body.h), which
+# needs CUDA >= 12.1 at build and run time (driver R530+) and a GPU of compute capability 7.0+.
+MIN_CUDA = (12, 1)
+MIN_ARCH = (7, 0)
+# Built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (the ahead-of-time build, or
+# SAMA_EXT_CUDA=1 on a GPU-less node): V100, T4, A100, A10/3090, L4/4090, H100/H200, B200,
+# RTX 50xx — those this nvcc supports — and PTX of the newest for later GPUs.
+DEFAULT_ARCHS = ("7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+_NAMED_ARCHS = {"volta": "7.0", "turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
+                "blackwell": "10.0;12.0"}
+
+
+class NoCuda(Exception):
+    """Why the CUDA kernels are not built (a BuildError under SAMA_EXT_CUDA=1, a note under auto)."""
+
+
+def parse_nvcc_version(text: str) -> tuple[int, int] | None:
+    m = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _run_nvcc(root: Path, *args: str) -> str:
+    try:
+        r = subprocess.run([str(root / "bin" / "nvcc"), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
+def nvcc_facts(root: Path) -> tuple[tuple[int, int] | None, list[tuple[int, int]] | None]:
+    """(nvcc's version, the compute capabilities it can build for, or None if it cannot say)."""
+    version = parse_nvcc_version(_run_nvcc(root, "--version"))
+    arches = re.findall(r"compute_(\d+)(\d)\b", _run_nvcc(root, "--list-gpu-arch"))
+    return version, (sorted({(int(a), int(b)) for a, b in arches}) or None)
+
+
+def _version_str(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+@dataclass(frozen=True)
+class Arch:
+    major: int
+    minor: int
+    suffix: str = ""   # "a": architecture-specific features (sm_90a)
+    ptx: bool = False  # also embed PTX, which the driver compiles for newer GPUs
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}{self.suffix}" + ("+PTX" if self.ptx else "")
+
+    def gencode(self) -> list[str]:
+        cc = f"{self.major}{self.minor}{self.suffix}"
+        flags = [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
+        if self.ptx:
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
+        return flags
+
+
+def parse_arch_list(text: str) -> list[Arch]:
+    """TORCH_CUDA_ARCH_LIST's syntax: "8.0;9.0+PTX", "8.6 9.0a", or names ("Ampere;Hopper")."""
+    out: list[Arch] = []
+    for item in re.split(r"[;\s,]+", text.strip()):
+        if not item:
+            continue
+        base, plus, rest = item.partition("+")
+        if plus and rest.upper() != "PTX":
+            raise NoCuda(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not an architecture (like 8.0, 9.0a or 9.0+PTX)")
+        if base.lower() in _NAMED_ARCHS:
+            named = parse_arch_list(_NAMED_ARCHS[base.lower()])
+            if plus:
+                named[-1] = Arch(named[-1].major, named[-1].minor, named[-1].suffix, True)
+            out += named
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d)(a?)", base)
+        if not m:
+            raise NoCuda(f"TORCH_CUDA_ARCH_LIST entry {item!r} is not an architecture (like 8.0, 9.0a or 9.0+PTX)")
+        out.append(Arch(int(m.group(1)), int(m.group(2)), m.group(3), bool(plus)))
+    return out
+
+
+def _with_ptx_on_newest(archs: list[Arch]) -> list[Arch]:
+    archs = sorted(set(archs), key=lambda a: (a.major, a.minor, a.suffix))
+    if archs and not any(a.ptx for a in archs):
+        last = archs[-1]
+        archs[-1] = Arch(last.major, last.minor, last.suffix, True)
+    return archs
+
+
+def select_archs(arch_list: str | None, device_caps: list[tuple[int, int]],
+                 supported: list[tuple[int, int]] | None) -> tuple[list[Arch], str]:
+    """The architectures to build for, and a sentence saying where they came from. In order:
+    TORCH_CUDA_ARCH_LIST if set, else the visible GPUs, else DEFAULT_ARCHS. Raises NoCuda with
+    the reason when none can be built."""
+    def check_supported(archs: list[Arch], source: str) -> None:
+        if supported is None:
+            return
+        bad = [str(a) for a in archs if (a.major, a.minor) not in supported]
+        if bad:
+            raise NoCuda(f"{source} asks for {', '.join(bad)}, which this nvcc cannot build (it supports "
+                         f"{', '.join(_version_str(c) for c in supported)}); fix TORCH_CUDA_ARCH_LIST")
+
+    if arch_list is not None and arch_list.strip().lower() != "native":
+        archs = parse_arch_list(arch_list)
+        if not archs:
+            raise NoCuda(f"TORCH_CUDA_ARCH_LIST={arch_list!r} names no GPU architecture: set it to the compute "
+                         f"capabilities to build for (e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0\"), or unset it")
+        old = [str(a) for a in archs if (a.major, a.minor) < MIN_ARCH]
+        if old:
+            raise NoCuda(f"TORCH_CUDA_ARCH_LIST={arch_list!r} includes {', '.join(old)}: the kernels' ~30 KB "
+                         f"arguments need compute capability {_version_str(MIN_ARCH)}+; remove those entries")
+        check_supported(archs, f"TORCH_CUDA_ARCH_LIST={arch_list!r}")
+        return _with_ptx_on_newest(archs), f"TORCH_CUDA_ARCH_LIST={arch_list!r}"
+    if device_caps:
+        usable = [c for c in device_caps if c >= MIN_ARCH]
+        if not usable:
+            raise NoCuda(f"the visible GPUs have compute capability {', '.join(_version_str(c) for c in device_caps)}; "
+                         f"the kernels need {_version_str(MIN_ARCH)}+")
+        archs = []
+        for c in usable:
+            if supported is not None and c not in supported:
+                # newer than this nvcc: its newest older architecture, whose PTX the driver compiles
+                older = [s for s in supported if s <= c]
+                if not older:
+                    raise NoCuda(f"this nvcc cannot build for the visible GPU (compute capability {_version_str(c)})")
+                c = older[-1]
+            archs.append(Arch(*c))
+        return _with_ptx_on_newest(archs), "the visible GPUs"
+    if arch_list is not None:  # "native" with no GPU
+        raise NoCuda("TORCH_CUDA_ARCH_LIST=native but no GPU is visible: name the architectures to build for "
+                     "(e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0\")")
+    archs = [Arch(*map(int, a.split("."))) for a in DEFAULT_ARCHS]
+    if supported is not None:
+        archs = [a for a in archs if (a.major, a.minor) in supported]
+    if not archs:
+        raise NoCuda("no GPU is visible, TORCH_CUDA_ARCH_LIST is unset and this nvcc supports none of the default "
+                     f"architectures ({';'.join(DEFAULT_ARCHS)}): set TORCH_CUDA_ARCH_LIST")
+    archs = _with_ptx_on_newest(archs)
+    return archs, ("no GPU is visible and TORCH_CUDA_ARCH_LIST is unset, so the default architectures "
+                   f"{';'.join(str(a) for a in archs)} (set TORCH_CUDA_ARCH_LIST to build for fewer or others)")
+
+
+def check_cuda_version(nvcc_version: tuple[int, int] | None, torch_cuda: str | None) -> None:
+    """NoCuda unless both nvcc and torch's CUDA are at least MIN_CUDA."""
+    if nvcc_version is None:
+        raise NoCuda("cannot run `nvcc --version` in the CUDA toolkit")
+    for what, v in (("nvcc", nvcc_version), ("torch's CUDA", parse_nvcc_version(f"release {torch_cuda}"))):
+        if v is not None and v < MIN_CUDA:
+            raise NoCuda(f"{what} is CUDA {_version_str(v)}, older than {_version_str(MIN_CUDA)}: the kernels pass "
+                         f"~30 KB kernel arguments, which need CUDA {_version_str(MIN_CUDA)}+, compute capability "
+                         f"{_version_str(MIN_ARCH)}+ and an NVIDIA driver R530+")
+
+
+def check_driver(version: int | None) -> str:
+    """'' if the driver can run the kernels, else why not. version: cuDriverGetVersion's
+    number (12010 = CUDA 12.1), None when there is no driver to ask."""
+    if version is None or version >= MIN_CUDA[0] * 1000 + MIN_CUDA[1] * 10:
+        return ""
+    return (f"the NVIDIA driver supports CUDA {version // 1000}.{version % 1000 // 10}, but the kernels need "
+            f"{_version_str(MIN_CUDA)}+ (driver R530 or newer): update the driver")
+
+
+def driver_version() -> int | None:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+            return None
+        return v.value
+    except (OSError, AttributeError):
+        return None
+
+
 def find_cuda_home(torch_cuda: str | None = None) -> tuple[Path | None, str]:
     """(toolkit root or None, how it was found / why none was).
 
@@ -111,6 +286,10 @@ class BuildConfig:
     cflags: list[str] = field(default_factory=list)
     cuda_cflags: list[str] = field(default_factory=list)
     ldflags: list[str] = field(default_factory=list)
+    cuda_archs: list[Arch] = field(default_factory=list)
+    arch_source: str = ""      # where the architectures came from (said when building)
+    nvcc_version: str = ""
+    device_caps: list[str] = field(default_factory=list)  # of the visible GPUs, part of the cache key
 
 
 def _cpu_tag() -> str:
@@ -126,13 +305,23 @@ def _cpu_tag() -> str:
     return platform.machine() + hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _device_caps(torch) -> list[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return []
+    return sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+
+
 def build_config(torch, aot: bool = False) -> BuildConfig:
     """What to build. The JIT build (aot=False) targets this machine; the ahead-of-time build
-    compiles CUDA whenever it can and avoids -march=native."""
+    compiles CUDA whenever it can and avoids -march=native. Under SAMA_EXT_CUDA=auto a CUDA
+    setup that cannot build the kernels (old toolkit, unusable architectures) leaves the CPU
+    kernels, with the reason in why_no_cuda; under SAMA_EXT_CUDA=1 it is a BuildError."""
     mode = os.environ.get("SAMA_EXT_CUDA", "auto").lower()
     if mode not in ("auto", "0", "1"):
         raise BuildError(f"sama_ext: SAMA_EXT_CUDA must be auto, 0 or 1, not {mode!r}")
     cuda_home, why = None, ""
+    archs: list[Arch] = []
+    arch_source, nvcc_version, caps = "", None, []
     if mode == "0":
         why = "SAMA_EXT_CUDA=0"
     elif torch.version.cuda is None:
@@ -141,10 +330,18 @@ def build_config(torch, aot: bool = False) -> BuildConfig:
         cuda_home, why = find_cuda_home(torch.version.cuda)
         if cuda_home is not None and mode == "auto" and not aot and not torch.cuda.is_available() \
                 and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # No GPU to run on and no target named: building for every architecture torch
-            # supports would take many minutes for code nobody can run here.
+            # No GPU to run on and no target named: building for every architecture
+            # would take many minutes for code nobody can run here.
             why = "no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (set it, or SAMA_EXT_CUDA=1, to build anyway)"
             cuda_home = None
+        if cuda_home is not None:
+            try:
+                nvcc_version, supported = nvcc_facts(cuda_home)
+                check_cuda_version(nvcc_version, torch.version.cuda)
+                caps = _device_caps(torch)
+                archs, arch_source = select_archs(os.environ.get("TORCH_CUDA_ARCH_LIST"), caps, supported)
+            except NoCuda as e:
+                why, cuda_home = f"{e} (toolkit at {cuda_home})", None
     if mode == "1" and cuda_home is None:
         raise BuildError(f"sama_ext: SAMA_EXT_CUDA=1 but the CUDA kernels cannot be built: {why}")
     with_cuda = cuda_home is not None
@@ -156,7 +353,12 @@ def build_config(torch, aot: bool = False) -> BuildConfig:
     cfg.ldflags = ["-fopenmp"]
     if with_cuda:
         cfg.cflags.append("-DSAMA_EXT_WITH_CUDA")
-        cfg.cuda_cflags = ["-O3", "-lineinfo"]
+        # Explicit -gencode flags: torch then adds no arch flags of its own (its guess fails
+        # with an IndexError when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset).
+        cfg.cuda_cflags = ["-O3", "-lineinfo"] + [f for a in archs for f in a.gencode()]
+        cfg.cuda_archs, cfg.arch_source = archs, arch_source
+        cfg.nvcc_version = _version_str(nvcc_version)
+        cfg.device_caps = [_version_str(c) for c in caps]
     return cfg
 
 
@@ -167,9 +369,12 @@ def _fingerprint(torch, cfg: BuildConfig, src: Path) -> str:
         if f.is_file() and f.suffix in (".h", ".cuh", ".cpp", ".cu") and rel.parts[0] != "tests":
             h.update(str(rel).encode())
             h.update(f.read_bytes())
+    # The GPU side: nvcc's version, the visible GPUs and the architectures (a cache shared by
+    # nodes with different GPUs must not hand one node's build to another).
     for part in (torch.__version__, str(torch.version.cuda), sys.version, _cpu_tag(), str(cfg.with_cuda),
-                 str(cfg.cuda_home), os.environ.get("TORCH_CUDA_ARCH_LIST", ""), " ".join(cfg.cflags),
-                 " ".join(cfg.cuda_cflags)):
+                 str(cfg.cuda_home), cfg.nvcc_version, ",".join(cfg.device_caps),
+                 ";".join(str(a) for a in cfg.cuda_archs), os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+                 " ".join(cfg.cflags), " ".join(cfg.cuda_cflags)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -202,7 +407,8 @@ def load() -> Loaded:
 
     if importlib.util.find_spec("sama_ext._C") is not None:
         mod = importlib.import_module("sama_ext._C")
-        return Loaded(mod, mod.with_cuda(), "" if mod.with_cuda() else "built ahead of time without CUDA", "aot")
+        return _checked(Loaded(mod, mod.with_cuda(), "" if mod.with_cuda() else "built ahead of time without CUDA",
+                               "aot"), torch)
 
     src = source_dir()
     cfg = build_config(torch)
@@ -219,12 +425,24 @@ def load() -> Loaded:
                 f"sama_ext: the built extension {so} does not load ({e}); delete {build_dir} and retry") from e
     else:
         build_dir.mkdir(parents=True, exist_ok=True)
-        what = "C++ and CUDA" if cfg.with_cuda else "C++"
+        what = (f"C++ and CUDA (for {';'.join(str(a) for a in cfg.cuda_archs)}: {cfg.arch_source})"
+                if cfg.with_cuda else "C++")
         print(f"sama_ext: building the {what} kernels into {build_dir} (first use only; about 1-3 minutes)...",
               file=sys.stderr, flush=True)
         mod = _jit_build(torch, cfg, src, name, build_dir)
         marker.write_text("ok\n")  # written last: a half-finished build is never loaded
-    return Loaded(mod, cfg.with_cuda, cfg.why_no_cuda, str(build_dir))
+    return _checked(Loaded(mod, cfg.with_cuda, cfg.why_no_cuda, str(build_dir)), torch)
+
+
+def _checked(loaded: Loaded, torch) -> Loaded:
+    """Once at load: a driver too old for the kernels' large arguments turns the CUDA kernels
+    off with the reason (CUDA tensors then raise it, see _backend.check_device), instead of a
+    launch error deep inside a meta step."""
+    if loaded.with_cuda and torch.cuda.is_available():
+        why = check_driver(driver_version())
+        if why:
+            return Loaded(loaded.module, False, why, loaded.origin)
+    return loaded
 
 
 def _ext_suffix() -> str:
