@@ -129,6 +129,11 @@ def meta_step_oracle(net: torch.nn.Module, meta: torch.nn.Module, theta0: dict[s
         g_plus = g_at(+1.0)
         hold.replay()
         g_minus = g_at(-1.0)
+        if all(torch.equal(a, b) for a, b in zip(g_plus, g_minus) if a is not None and b is not None) \
+                and all((a is None) == (b is None) for a, b in zip(g_plus, g_minus)):
+            # the perturbation did not reach the base loss: the documented rule is a skipped step
+            # (the direct term still counts), never a silent 0 from the difference
+            return OracleResult(with_direct, v, d, norm, 0.0, True, [None] * len(lam), direct)
         fd = [None if gp is None and gm is None else (_z(gm, q) - _z(gp, q)) / (2 * eps)
               for gp, gm, q in zip(g_plus, g_minus, lam)]
         big_g = max(float(g.abs().max()) for g in (*g_plus, *g_minus) if g is not None)

@@ -42,7 +42,12 @@ class AdaptCall:
                 raise RuntimeError(
                     f"sama_ext.adapt: a param of shape {tuple(p.shape)} {what}; call "
                     f"{type(self.optimizer).__name__}.step() (with these options) before adapting")
-            out.append(s[key])
+            x = s[key]
+            if isinstance(x, Tensor) and x.shape == p.shape and x.stride() != p.stride():
+                # state loaded from a model of another layout (e.g. contiguous → channels_last):
+                # the kernels read it as flat memory in the param's layout
+                x = torch.empty_like(p, dtype=x.dtype).copy_(x)
+            out.append(x)
         return out
 
 

@@ -209,6 +209,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     backup: list[Tensor] = []
     saved = False   # θ was perturbed: the backup holds θ and must be copied back on any exit
     done = False
+    interrupted: list[BaseException] = []  # raised during the final clean-up (re-raised after it)
     try:
         with buffers.watch() if buffers is not None else nullcontext():
             # 1. meta gradient at θ (and λ's direct gradient, if L_meta depends on λ)
@@ -318,16 +319,29 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         return MetaStepInfo(meta_loss=lm.detach(), eps=eps_used, v_norm=norm, skipped=~(ok & valid),
                             eps_realized=eps_div, moved=moved_p, lost=lost)
     finally:
-        # an interrupt inside a context manager's exit (no_grad, recording) could skip its reset
-        torch.set_grad_enabled(grad_mode)
-        reset_recorder(recorder)
-        if not done:
-            with signals_deferred():
-                if saved:
-                    with torch.no_grad():
-                        torch._foreach_copy_(theta, backup)
-                if buffers is not None:
-                    buffers.restore()
+        # Idempotent clean-up, retried until it completes: an interrupt landing here (after a
+        # closure's error, say) must not skip it, and is raised once it is done. (No statement
+        # before the `try`: an interrupt there would skip the whole clean-up. CPython runs signal
+        # handlers only at calls and backward jumps, none of which the two lines below contain.)
+        while True:  # no-signal-check
+            try:  # no-signal-check
+                with signals_deferred():
+                    # an interrupt inside a context manager's exit (no_grad, recording) could skip its reset
+                    torch.set_grad_enabled(grad_mode)
+                    reset_recorder(recorder)
+                    if buffers is not None:
+                        buffers.close()
+                    if not done:
+                        if saved:
+                            with torch.no_grad():
+                                torch._foreach_copy_(theta, backup)
+                        if buffers is not None:
+                            buffers.restore()
+                break
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                interrupted.append(e)
+        if interrupted:
+            raise interrupted[0]
 
 
 def _finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:

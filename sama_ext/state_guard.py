@@ -72,11 +72,10 @@ class BufferGuard:
         self._thread = threading.get_ident()
         self._saved: dict[int, tuple[torch.nn.Module, list]] = {}
         self._active = False
-        self._handle = None
 
     def _first_call(self, module: torch.nn.Module, args) -> None:
         if not self._active:  # watch() ended but an interrupt skipped the removal: remove now
-            self._handle.remove()
+            self.close()
             return
         if threading.get_ident() != self._thread or id(module) in self._saved:
             return
@@ -87,12 +86,22 @@ class BufferGuard:
     @contextmanager
     def watch(self):
         self._active = True
-        self._handle = register_module_forward_pre_hook(self._first_call)
         try:
+            register_module_forward_pre_hook(self._first_call)
             yield self
         finally:
             self._active = False
-            self._handle.remove()
+            self.close()
+
+    def close(self) -> None:
+        """Unregister the hook (idempotent). Found by identity in torch's global hook table, so it
+        also works when an interrupt landed before the registration's handle was stored."""
+        from torch.nn.modules import module as nn_module
+
+        hooks = nn_module._global_forward_pre_hooks
+        for key, fn in list(hooks.items()):
+            if fn == self._first_call:
+                hooks.pop(key, None)
 
     def restore(self) -> None:
         with torch.no_grad():
