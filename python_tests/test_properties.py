@@ -664,10 +664,10 @@ def unlock_after():
     """Contain a lock that an interrupt left held (frozen's bookkeeping): released after the test
     that found it, so that one failure does not hang every later meta_step of the session."""
     yield
-    lock = getattr(sys.modules["sama_ext.frozen"], "_active_lock", None)
+    lock = getattr(sys.modules["sama_ext.frozen_inputs"], "_active_lock", None)
     if lock is not None and lock.locked():
         lock.release()
-        sys.modules["sama_ext.frozen"]._active.clear()
+        sys.modules["sama_ext.frozen_inputs"]._active.clear()
 
 
 def _lam_grads(t):
@@ -774,8 +774,8 @@ SWEEP = Setup(problem="wnet", dtype=F64, opt="Adam", foreach=False, groups=[dict
 
 # (module, backend): the reference backend's kernels are Python loops over the tensors, so an
 # interrupt can land between two tensors of one kernel there.
-SWEPT = [("frozen.py", "compiled"), ("frozen.py", "torch"), ("state_guard.py", "compiled"),
-         ("state_guard.py", "torch"), ("meta_step.py", "compiled"), ("reference.py", "torch")]
+SWEPT = [("frozen_inputs.py", "compiled"), ("frozen_inputs.py", "torch"), ("state_guard.py", "compiled"),
+         ("state_guard.py", "torch"), ("sama_step.py", "compiled"), ("reference.py", "torch")]
 
 
 @pytest.mark.parametrize("raise_at", [None, 3], ids=["clean", "error-at-theta-plus"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 from ._backend import backend
 from ._build import BuildError
 from .adaptation import SAFEGUARDS, AdaptCall, adapt, register_diagonal
-from .frozen import frozen
-from .meta_step import METHODS, MetaStepInfo, meta_step
+from .frozen_inputs import frozen
+from .sama_step import METHODS, MetaStepInfo, meta_step
 from .ops import perturb_
 from . import distributed  # noqa: E402  (public namespace: sama_ext.distributed.register_comm_hook)
 

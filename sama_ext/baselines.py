@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .step_common import MetaStepInfo, accumulate, scalar_loss
+
 __all__ = ["implicit_meta_step"]
 
 
@@ -34,8 +36,6 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
 def implicit_meta_step(theta: list[Tensor], optimizer, lam: list[Tensor], base_loss: Callable[[], Tensor],
                        meta_loss: Callable[[], Tensor], *, method: str, iterations: int,
                        neumann_lr: float | None):
-    from .meta_step import MetaStepInfo, _accumulate, _scalar_loss
-
     if not (isinstance(iterations, int) and iterations >= 0):
         raise ValueError(f"sama_ext.meta_step: iterations must be a non-negative int, got {iterations!r}")
     if method == "neumann":
@@ -45,10 +45,10 @@ def implicit_meta_step(theta: list[Tensor], optimizer, lam: list[Tensor], base_l
         if not eta > 0:
             raise ValueError(f"sama_ext.meta_step: neumann_lr must be positive, got {eta!r}")
     with torch.enable_grad(), _double_backward_attention():
-        lm = _scalar_loss(meta_loss(), "meta_loss")
+        lm = scalar_loss(meta_loss(), "meta_loss")
         grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
         d = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(theta)], theta)]
-        lb = _scalar_loss(base_loss(), "base_loss")
+        lb = scalar_loss(base_loss(), "base_loss")
         g_theta = torch.autograd.grad(lb, theta, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(g_theta) if g is not None and g.requires_grad]
         g_live = [g_theta[i] for i in live]
@@ -97,10 +97,10 @@ def implicit_meta_step(theta: list[Tensor], optimizer, lam: list[Tensor], base_l
                          "the meta-gradient would be 0")
     for q, g in zip(lam, grads[len(theta):]):
         if g is not None:
-            _accumulate(q, g)
+            accumulate(q, g)
     for q, m in zip(lam, mixed):
         if m is not None:
-            _accumulate(q, -m)
+            accumulate(q, -m)
     dev = theta[0].device
     norm = _dot(x, x).sqrt().to(dev)
     return MetaStepInfo(meta_loss=lm.detach(), eps=torch.zeros((), dtype=torch.float64, device=dev), v_norm=norm,

@@ -14,18 +14,17 @@ of θ for the exact restore, plus two λ-sized gradients. No host-device synchro
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, Sequence
-
 import math
+from contextlib import nullcontext
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from . import ops, precision, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
-from .frozen import current_recorder, recording, reset_recorder
+from .frozen_inputs import current_recorder, recording, reset_recorder
+from .step_common import MetaStepInfo, accumulate, scalar_loss
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
@@ -33,31 +32,6 @@ __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
 METHODS = ("sama", "sama_na", "neumann", "cg")
 BASE_UPDATES = ("restore", "descend")
 FROZEN_AT = ("theta", "theta_plus")
-
-
-@dataclass
-class MetaStepInfo:
-    """Device tensors (reading them synchronises; the step itself does not)."""
-    meta_loss: Tensor   # L_meta at θ (detached)
-    eps: Tensor         # ε = α/‖v‖ (0 when skipped)
-    v_norm: Tensor      # ‖v‖
-    skipped: Tensor     # bool: ‖v‖ was zero, or ‖v‖, g⁺, g⁻ or dL_meta/dλ not finite, or the perturbation lost
-    # what θ± = θ ± εv really moved after rounding to θ's dtype (docs/precision.md); None from the baselines
-    eps_realized: Tensor | None = None  # the ε divided by: ⟨θ⁺−θ⁻, v⟩/(2‖v‖²) for 16-bit θ, else ε (0 when skipped)
-    moved: Tensor | None = None         # int64: elements of θ⁺ that differ from θ (measured for 16-bit θ only: None)
-    lost: Tensor | None = None          # bool: nothing moved, or g⁺ == g⁻ bitwise (then skipped)
-
-
-def _scalar_loss(value, what: str) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"sama_ext.meta_step: {what}() must return a scalar tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"sama_ext.meta_step: {what}() must return a scalar (one-element) tensor, got shape "
-                         f"{tuple(value.shape)}; reduce it (e.g. .mean())")
-    if not value.requires_grad:
-        raise ValueError(f"sama_ext.meta_step: {what}() returned a tensor that does not require grad; it must "
-                         "depend on the parameters (is it computed under torch.no_grad()?)")
-    return value.reshape(())
 
 
 def _trainable(params, what: str) -> list[Tensor]:
@@ -77,13 +51,6 @@ def _trainable(params, what: str) -> list[Tensor]:
             raise ValueError(f"sama_ext.meta_step: a tensor appears twice in {what}")
         seen.add(id(p))
     return out
-
-
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.detach().clone()
-    else:
-        param.grad.add_(grad)
 
 
 def _in_layout_of(g: Tensor, like: Tensor) -> Tensor:
@@ -214,7 +181,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         with buffers.watch() if buffers is not None else nullcontext():
             # 1. meta gradient at θ (and λ's direct gradient, if L_meta depends on λ)
             with torch.enable_grad(), local():
-                lm = _scalar_loss(meta_loss(), "meta_loss")
+                lm = scalar_loss(meta_loss(), "meta_loss")
                 grads = torch.autograd.grad(lm, theta + lam, allow_unused=True)
             d = [_in_layout_of(_dense(g), p) if g is not None else torch.zeros_like(p)
                  for g, p in zip(grads[:len(theta)], theta)]
@@ -273,7 +240,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     # and all-reduces that. λ.grad is untouched unless the whole pass succeeds.
                     with ddp.communicating_pass(base_module, meta_module, g_plus, lam, eps_r, direct) as pass3:
                         with torch.enable_grad():
-                            _scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
+                            scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
                         rec.check_consumed()  # inside: its error must also leave λ.grad as it was
                 rec.check_consumed()
 
@@ -304,7 +271,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 buffers.restore()
             for q, g in zip(lam, direct):
                 if g is not None:
-                    _accumulate(q, torch.where(finite, g, torch.zeros_like(g)))
+                    accumulate(q, torch.where(finite, g, torch.zeros_like(g)))
             for q in (lam[i] for i in used):
                 if q.grad is None:
                     q.grad = torch.zeros_like(q)
@@ -405,7 +372,7 @@ def _consumed_gradients(opt: torch.optim.Optimizer, theta: list[Tensor]) -> tupl
 
 def _meta_grads(base_loss: Callable[[], Tensor], lam: list[Tensor]) -> tuple:
     with torch.enable_grad():
-        lb = _scalar_loss(base_loss(), "base_loss")
+        lb = scalar_loss(base_loss(), "base_loss")
         g = torch.autograd.grad(lb, lam, allow_unused=True)
     if all(x is None for x in g):
         raise ValueError(
