@@ -545,3 +545,67 @@ def test_non_contiguous_last_grads_accepted_on_both_backends(backend):
     lam.grad = None
     sama_ext.meta_step([w], opt, [lam], loss, lambda: (w ** 2).sum(), last_grads=[w.grad])
     assert torch.equal(a, lam.grad)
+
+
+def test_batchnorm_restored_through_a_compiled_module():
+    """torch.compile's wrapper is the only module whose call a global hook sees: the buffers of the
+    modules inside must be restored too."""
+    torch._dynamo.reset()
+    pb = WithBatchNorm(seed=8)
+    compiled = torch.compile(pb.model, backend="eager")
+    inner = pb.model
+
+    def base():
+        ell = F.cross_entropy(compiled(pb.x), pb.y, reduction="none")
+        w = torch.sigmoid(pb.wnet(sama_ext.frozen(ell).unsqueeze(1))).squeeze(1)
+        return (w * ell).mean()
+
+    bn = inner[1]
+    for _ in range(2):
+        before = {k: v.clone() for k, v in bn.state_dict().items()}
+        sama_ext.meta_step(list(inner.parameters()), pb.opt, list(pb.wnet.parameters()), base,
+                           lambda: F.cross_entropy(compiled(pb.xm), pb.ym))
+        assert all(same_bits(bn.state_dict()[k], v) for k, v in before.items())
+        pb.opt.zero_grad()
+        base().backward()
+        pb.opt.step()
+
+
+def test_error_inside_the_perturbation_leaves_theta_exact(monkeypatch):
+    """An error (e.g. out of memory) part-way through perturbing a model of mixed dtypes: every
+    param, those already perturbed included, is back to θ bit for bit."""
+    from sama_ext import precision
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8).bfloat16(), nn.Linear(8, 3))
+    wnet = nn.Linear(1, 1)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    def per_sample():
+        h = net[1](net[0](x)).bfloat16()
+        return F.cross_entropy(net[3](net[2](h).float()), y, reduction="none")
+
+    def base():
+        ell = per_sample()
+        return (torch.sigmoid(wnet(sama_ext.frozen(ell).unsqueeze(1))).squeeze(1) * ell).mean()
+
+    for _ in range(2):
+        opt.zero_grad()
+        base().backward()
+        opt.step()
+    theta0 = [p.detach().clone() for p in net.parameters()]
+    calls = [0]
+    real = precision._axpy_stochastic
+
+    def fails_on_second(*a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise torch.OutOfMemoryError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(precision, "_axpy_stochastic", fails_on_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        sama_ext.meta_step(list(net.parameters()), opt, list(wnet.parameters()), base, lambda: per_sample().mean())
+    assert calls[0] == 2
+    assert all(same_bits(p.detach(), t) for p, t in zip(net.parameters(), theta0))

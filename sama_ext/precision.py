@@ -88,13 +88,19 @@ def perturb_save_(params: Sequence[Tensor], vectors: Sequence[Tensor], backups: 
     rounding for 16-bit params (Python prototype of a kernel variant, docs/precision.md)."""
     sr = [_stochastic(p) for p in params]
     near = [i for i, f in enumerate(sr) if not f]
-    if near:
-        ops.perturb_save_([params[i] for i in near], [vectors[i] for i in near], [backups[i] for i in near], scale)
+    rest = [i for i, f in enumerate(sr) if f]
     with torch.no_grad():
-        for p, v, b, f in zip(params, vectors, backups, sr):
-            if f:
-                b.copy_(p)
-                p.copy_(_axpy_stochastic(b, v, scale))
+        if rest:  # every backup before any θ changes: an error below can then undo everything
+            torch._foreach_copy_([backups[i] for i in rest], [params[i] for i in rest])
+        if near:  # one fused call: checked before it writes, so it writes all or nothing
+            ops.perturb_save_([params[i] for i in near], [vectors[i] for i in near], [backups[i] for i in near],
+                              scale)
+        try:
+            for i in rest:
+                params[i].copy_(_axpy_stochastic(backups[i], vectors[i], scale))
+        except BaseException:  # e.g. out of memory in a temporary: all of θ back, then raise
+            torch._foreach_copy_(list(params), list(backups))
+            raise
 
 
 def perturb_from_(params: Sequence[Tensor], sources: Sequence[Tensor], vectors: Sequence[Tensor], scale: Tensor) -> None:

@@ -254,8 +254,9 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
             if base_update == "descend":
                 # each rank descended along its own v: rank 0's θ is broadcast so ranks stay identical
                 ddp.sync_params(theta, (base_module or meta_module).process_group)
-            return MetaStepInfo(meta_loss=lm.detach(), eps=eps, v_norm=norm, skipped=~(ok & valid),
-                                eps_realized=eps_r, moved=moved_p, lost=lost)
+            return MetaStepInfo(meta_loss=lm.detach(), eps=torch.where(valid, eps, torch.zeros_like(eps)), v_norm=norm,
+                                skipped=~(ok & valid), eps_realized=torch.where(valid, eps_r, torch.zeros_like(eps_r)),
+                                moved=moved_p, lost=lost)
 
         # A non-finite g±, or dL_meta/dλ, makes the whole step a no-op (decided on the device).
         finite = _all_finite([*g_plus, *g_minus, *direct], dev)

@@ -79,9 +79,13 @@ class BufferGuard:
             return
         if threading.get_ident() != self._thread or id(module) in self._saved:
             return
+        # the whole subtree: a wrapper (torch.compile's OptimizedModule, DDP) may be the only
+        # module whose call this hook sees
         with torch.no_grad():
-            bufs = [(name, b, b.detach().clone()) for name, b in module._buffers.items() if b is not None]
-        self._saved[id(module)] = (module, bufs)
+            for m in module.modules():
+                if id(m) not in self._saved:
+                    bufs = [(name, b, b.detach().clone()) for name, b in m._buffers.items() if b is not None]
+                    self._saved[id(m)] = (m, bufs)
 
     @contextmanager
     def watch(self):

@@ -57,7 +57,7 @@ def _before_step(opt, args, kwargs) -> None:
     _records[opt] = _StepRecord(groups=groups, grads={})
     if isinstance(opt, torch.optim.SGD):
         for g in opt.param_groups:
-            if g["momentum"] == 0:
+            if g["momentum"] == 0 or g["dampening"] == 0:  # only dampening makes the first step special
                 continue
             for p in g["params"]:
                 if p.grad is not None:
