@@ -145,17 +145,6 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["compiled", "torch"])
-def backend(request, monkeypatch):
-    """Runs the test on one backend. "torch" patches the cached choice (restored afterwards)."""
-    if request.param == "torch":
-        monkeypatch.setattr(_backend, "_choice", "torch")
-    elif _backend.requested() == "torch":
-        pytest.skip("SAMA_EXT_BACKEND=torch selects the reference backend for the whole run")
-    assert sama_ext.backend() == request.param
-    return request.param
-
-
 # ----------------------------------------------------------------------------- helpers
 _RECORDS: dict = {}
 

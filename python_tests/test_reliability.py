@@ -22,29 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sama_ext
-from sama_ext import _backend
 from optim_oracle import StepRecord, _clone_state, oracle_diagonal
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(params=["compiled", "torch"])
-def backend(request, monkeypatch):
-    if request.param == "torch":
-        monkeypatch.setattr(_backend, "_choice", "torch")
-    elif _backend.requested() == "torch":
-        pytest.skip("SAMA_EXT_BACKEND=torch selects the reference backend for the whole run")
-    assert sama_ext.backend() == request.param
-    return request.param
 
 
 def bits(t):
