@@ -22,6 +22,14 @@ from torch import Tensor
 
 F64 = torch.float64
 
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two flat tensors in float64. Not F.cosine_similarity: it clamps each norm at 1e-8,
+    so two identical vectors of norm 1e-9 come out with cosine 0.01 (a first-step Adam diagonal
+    times d has norm ~1e-9)."""
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return float(a @ b / (a.norm() * b.norm()))
+
 # Which optimiser state is "the second moment" for the safeguard "zero_unseen" (README: Adam's
 # exp_avg_sq — its running maximum under AMSGrad —, RMSprop's square_avg, Adagrad's sum).
 _SECOND_MOMENT = {"Adam": ("max_exp_avg_sq", "exp_avg_sq"), "AdamW": ("max_exp_avg_sq", "exp_avg_sq"),

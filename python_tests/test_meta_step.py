@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sama_ext
+import sama_oracle
 from optim_oracle import StepRecord, _clone_state, oracle_diagonal
 
 # torch.func's forward AD lazily scripts its decompositions on first use (torch.jit deprecation
@@ -56,7 +57,7 @@ def flat(ts) -> torch.Tensor:
 
 
 def cosine(a, b) -> float:
-    return float(F.cosine_similarity(flat(a), flat(b), dim=0))
+    return sama_oracle.cosine(flat(a), flat(b))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sama_ext
+from sama_oracle import cosine  # noqa: F401  (re-exported for precision_sweep)
 
 # GPT-2's vocabulary and context; name: (width, layers, heads) -> parameter count
 VOCAB, CTX = 50257, 1024
@@ -164,5 +165,3 @@ def exact(run64: Run, safeguard: str = "zero_unseen") -> torch.Tensor:
     return -torch.cat([m.flatten() for m in mixed])
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.double(), b.double(), dim=0))

@@ -165,24 +165,63 @@ def _sgd_part(call: AdaptCall, idx: list[int], damp: float, mu: float, nesterov:
 
 @register_diagonal(torch.optim.RMSprop)
 def _rmsprop(call: AdaptCall) -> Tensor:
+    steps = call.state_list("step")
+    # a step counter on the device (capturable) is not read: those params keep the general formula
+    first = [i for i, s in enumerate(steps) if (not isinstance(s, Tensor) or s.device.type == "cpu") and float(s) == 1]
+    if not first:
+        return _rmsprop_part(call, list(range(len(call.params))))
+    rest = [i for i in range(len(call.params)) if i not in set(first)]
+    g = call.group
+    S = call.state_list("square_avg")
+    R2 = [S[i] - a * a for i, a in zip(first, [call.state_list("grad_avg")[i] for i in first])] if g["centered"] \
+        else [S[i] for i in first]
+    total = _first_step(call, first, R2)
+    return total + _rmsprop_part(call, rest) if rest else total
+
+
+def _rmsprop_part(call: AdaptCall, idx: list[int]) -> Tensor:
     g = call.group
     wd = float(g["weight_decay"])
-    buf = call.state_list("momentum_buffer") if wd and g["momentum"] > 0 else []
+    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+    buf = pick(call.state_list("momentum_buffer")) if wd and g["momentum"] > 0 else []
     return ops.rmsprop_adapt(
-        call.vectors, call.grads, call.state_list("square_avg"),
-        call.state_list("grad_avg") if g["centered"] else [], call.params if wd else [], buf, call.out,
-        lr=_lr(g), alpha=float(g["alpha"]), eps=float(g["eps"]), weight_decay=wd, maximize=bool(g["maximize"]),
-        safeguard=call.safeguard)
+        pick(call.vectors), pick(call.grads), pick(call.state_list("square_avg")),
+        pick(call.state_list("grad_avg")) if g["centered"] else [], pick(call.params) if wd else [], buf,
+        pick(call.out), lr=_lr(g), alpha=float(g["alpha"]), eps=float(g["eps"]), weight_decay=wd,
+        maximize=bool(g["maximize"]), safeguard=call.safeguard)
+
+
+def _first_step(call: AdaptCall, idx: list[int], r2: list[Tensor]) -> Tensor:
+    """RMSprop, and Adagrad from a zero accumulator, at a param's first step (host step counter 1;
+    the pre-step averages are zero): du/dg_e = lr·eps/(R + eps)², R² = r2 (S, S − G² centered, Σ).
+    The general formula is the difference of two nearly equal terms there, and float32 rounding
+    (of the state, of R, of θ_pre under coupled decay) swamps it once |g_e| ≫ eps. The closed form
+    is Adam's at its first step with β1 = β2 = 0 (bias corrections 1) and R² as the second moment:
+    Adam's kernel computes it. lr: Adagrad's lr decay is 1 at step 1."""
+    g = call.group
+    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+    return ops.adam_adapt(
+        pick(call.vectors), pick(call.grads), r2, r2, [], [], pick(call.out), lr=_lr(g), step=1.0, beta1=0.0,
+        beta2=0.0, eps=float(g["eps"]), weight_decay=0.0, maximize=bool(g["maximize"]), safeguard=call.safeguard)
 
 
 @register_diagonal(torch.optim.Adagrad)
 def _adagrad(call: AdaptCall) -> Tensor:
     g = call.group
-    wd = float(g["weight_decay"])
-    return ops.adagrad_adapt(
-        call.vectors, call.grads, call.state_list("sum"), call.params if wd else [], call.out, lr=_lr(g),
-        step=_steps(call), lr_decay=float(g["lr_decay"]), eps=float(g["eps"]), weight_decay=wd,
-        maximize=bool(g["maximize"]), safeguard=call.safeguard)
+    steps = _steps(call)
+    # First step from a zero accumulator: lr·eps/(R + eps)², the first-step closed form (see _first_step)
+    first = ([i for i, s in enumerate(steps) if not isinstance(s, Tensor) and s == 1]
+             if float(g.get("initial_accumulator_value", 1.0)) == 0 else [])
+    rest = [i for i in range(len(call.params)) if i not in set(first)]
+    parts = [_first_step(call, first, call.state_list("sum"))] if first else []
+    if rest:
+        pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+        wd = float(g["weight_decay"])
+        parts.append(ops.adagrad_adapt(
+            pick(call.vectors), pick(call.grads), pick(call.state_list("sum")), pick(call.params) if wd else [],
+            pick(call.out), lr=_lr(g), step=pick(steps), lr_decay=float(g["lr_decay"]), eps=float(g["eps"]),
+            weight_decay=wd, maximize=bool(g["maximize"]), safeguard=call.safeguard))
+    return sum(parts[1:], parts[0])
 
 
 # ----------------------------------------------------------------------------- adapt()

@@ -147,6 +147,8 @@ def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr
         safe_h = torch.where(curved, h, torch.ones_like(h))
         second = torch.where(curved, (m / bc1 / D) * ((1 - beta2) / bc2 * ge / safe_h / D), torch.zeros_like(h))
         diag = lr_i * ((1 - beta1) / bc1 / D - second)
+        # step 1: zero pre-step moments, the bracket is eps/D² exactly (see functors.h AdamDiag)
+        diag = torch.where(torch.as_tensor(t == 1, device=dm.device), lr_i * eps / (D * D), diag)
         if safeguard == SAFEGUARDS["zero_unseen"]:
             diag = torch.where(qu == 0, torch.zeros_like(diag), diag)
         vs.append(sign * diag * dm)
@@ -204,8 +206,8 @@ def adagrad_adapt(d, grads, state_sum, params, out, *, lr, step, lr_decay, eps, 
         theta_pre = _undo_plain_step(params[i], grads[i], D, clr, weight_decay, sign) if weight_decay else None
         ge = _ge(grads[i], theta_pre, weight_decay, sign)
         safe_R = torch.where(R > 0, R, torch.ones_like(R))
-        second = torch.where(R > 0, (ge / D) * (ge / safe_R / D), torch.zeros_like(R))
-        diag = clr * (1 / D - second)
+        sum_pre = _math(state_sum[i]) - ge * ge  # Σ − g_e², g_e² rounded on its own (see functors.h AdagradDiag)
+        diag = torch.where(R > 0, clr * ((sum_pre + eps * R) / (safe_R * D)) / D, clr / D)
         if safeguard == SAFEGUARDS["zero_unseen"]:
             diag = torch.where(R == 0, torch.zeros_like(diag), diag)
         vs.append(sign * diag * dm)

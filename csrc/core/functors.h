@@ -45,14 +45,14 @@ struct AdamDiag {
   double beta1, beta2, eps, weight_decay, sign;
   int safeguard;
 
-  template <typename A> struct Ctx { A lr, first_num, inv_bc1, r_coef, inv_sqrt_bc2, eps, wd, sign; };
+  template <typename A> struct Ctx { A lr, first_num, inv_bc1, r_coef, inv_sqrt_bc2, eps, wd, sign; bool first; };
 
   // a = lr, b = step
   template <typename A> SAMA_HD Ctx<A> prepare(double lr, double step) const {
     const double bc1 = 1.0 - pow(beta1, step);
     const double bc2 = 1.0 - pow(beta2, step);
     return Ctx<A>{A(lr), A((1.0 - beta1) / bc1), A(1.0 / bc1), A((1.0 - beta2) / bc2),
-                  A(1.0 / sqrt(bc2)), A(eps), A(weight_decay), A(sign)};
+                  A(1.0 / sqrt(bc2)), A(eps), A(weight_decay), A(sign), step == 1.0};
   }
 
   template <typename A> SAMA_HD A apply(const Ctx<A>& c, const A* x, A* y) const {
@@ -69,7 +69,11 @@ struct AdamDiag {
     const A h_safe = curved ? h : A(1);
     const A second_all = (m * c.inv_bc1 / D) * (c.r_coef * ge / h_safe / D);
     const A second = curved ? second_all : A(0);
-    A diag = c.lr * (c.first_num / D - second);
+    // At step 1 the pre-step moments are zero (torch initialises them so), m̂ = g_e and h = |g_e|:
+    // the bracket is 1/D − |g_e|/D² = eps/D² exactly. Written as the difference it is two nearly
+    // equal terms whose float32 rounding (of q, h and both terms) swamps eps/D² once |g_e| ≫ eps.
+    const A diag_first = c.lr * c.eps / (D * D);
+    A diag = c.first ? diag_first : c.lr * (c.first_num / D - second);
     if (safeguard == kSafeguardZeroUnseen && q_used == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
     y[0] = v;
@@ -136,7 +140,7 @@ struct RmspropDiag {
 
 // ---------------------------------------------------------------- Adagrad
 // Post-step sum Σ, step t: clr = lr/(1 + (t−1)·lr_decay), R = sqrt(Σ), D = R + eps:
-//   du/dg_e = clr·[1/D − (g_e/D)·(g_e/R)/D]
+//   du/dg_e = clr·[1/D − (g_e/D)·(g_e/R)/D] = clr·(Σ − g_e² + eps·R)/(R·D²)
 // Coupled decay: θ_pre from θ = θ_pre − clr·(s·g + wd·θ_pre)/D.
 template <bool kCoupledDecay>
 struct AdagradDiag {
@@ -157,10 +161,14 @@ struct AdagradDiag {
     const A D = R + c.eps;
     const A theta_pre = kCoupledDecay ? (x[3] + c.clr * c.sign * g / D) / (A(1) - c.clr * c.wd / D) : A(0);
     const A ge = c.sign * g + c.wd * theta_pre;
+    // 1/D − g_e²/(R·D²) = (Σ_pre + eps·R)/(R·D²) with Σ_pre = Σ − g_e²: no difference of nearly
+    // equal terms where Σ_pre ≪ g_e² (a first step with initial_accumulator_value 0). g_e² is
+    // rounded on its own, as the optimiser's Σ + g² rounded it, so that Σ_pre is exactly 0 there;
+    // the fma with a zero addend keeps the compiler from contracting it into the subtraction.
     const A R_safe = R > A(0) ? R : A(1);  // divide unconditionally, select after (vectorises)
-    const A second_all = (ge / D) * (ge / R_safe / D);
-    const A second = R > A(0) ? second_all : A(0);
-    A diag = c.clr * (A(1) / D - second);
+    const A sum_pre = sum - fused_mul_add(ge, ge, A(0));
+    const A curved_diag = c.clr * ((sum_pre + c.eps * R) / (R_safe * D)) / D;
+    A diag = R > A(0) ? curved_diag : c.clr / D;
     if (safeguard == kSafeguardZeroUnseen && sum == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
     y[0] = v;
