@@ -125,8 +125,10 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     distributed = base_module is not None or meta_module is not None
     if distributed:
         from . import distributed as ddp
+        from . import fsdp
 
-        ddp.check_modules(base_module, meta_module)
+        sharded = fsdp.is_fsdp(base_module)  # θ sharded by FSDP2: its own engine (sama_ext/fsdp.py)
+        ddp.check_modules(None if sharded else base_module, meta_module)
     theta = _trainable(base_params, "base_params")
     lam = _trainable(meta_params, "meta_params")
     if meta_module is not None:
@@ -161,6 +163,12 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         last_grads = [_in_layout_of(g, p) if isinstance(g, Tensor) and g.layout == torch.strided
                       and (g.shape, g.dtype, g.device) == (p.shape, p.dtype, p.device) else g
                       for g, p in zip(last_grads, theta)]
+
+    if distributed and sharded:
+        return fsdp.meta_step(theta, base_optimizer, lam, base_loss, meta_loss, alpha=alpha, method=method,
+                              last_grads=last_grads, stepped=stepped, base_update=base_update, base_module=base_module,
+                              meta_module=meta_module, safeguard=safeguard, frozen_at=frozen_at,
+                              restore_buffers=restore_buffers)
 
     if method in ("neumann", "cg"):
         from .baselines import implicit_meta_step

@@ -1,0 +1,390 @@
+"""One rank of an FSDP2 meta-learning run on gloo, launched as a subprocess by test_fsdp.py.
+
+--mode check: for each config (two nesting layouts of fully_shard × Adam/AdamW/SGD) a fresh
+  float64 base MLP sharded with fully_shard and a DDP weight net with SAMA's hook; several
+  consecutive rounds of (FSDP base step, meta_step, SGD step of λ), every collective counted from
+  outside sama_ext (torch.distributed's functions wrapped here), and everything the parent's
+  independent oracle needs saved (full θ, optimiser state and consumed gradient, every rank's
+  batches). Then "descend", bad inputs (each must raise before anything changes), and a pass 3
+  that fails on every rank (θ, θ.grad, λ.grad as before; the next meta step works).
+--mode fail: rank `--fail_rank` raises inside pass 2; the others must give up, not hang.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sama_ext  # noqa: E402
+from sama_ext import distributed as sdist  # noqa: E402
+
+DTYPE = torch.float64
+ALPHA = 0.5
+STEPS = 3
+OPTS = {"adam": (torch.optim.Adam, dict(lr=1e-2)),
+        "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9))}
+# (nesting, optimiser, λ's gradient also flows through the sharded model)
+CONFIGS = {"layers-adamw": ("layers", "adamw", True), "root-adam": ("root", "adam", False),
+           "layers-sgd": ("layers", "sgd", False), "root-sgd": ("root", "sgd", True)}
+
+
+class Base(nn.Module):
+    """An MLP whose head stays with the root (so the root's FSDP group owns parameters too)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.head = nn.Linear(6, 16), nn.Linear(16, 5), nn.Linear(5, 3)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def base_forward(th, x):
+    """The same network as a function of the full parameters (for the oracle)."""
+    w1, b1, w2, b2, w3, b3 = th
+    return torch.tanh(torch.tanh(x @ w1.T + b1) @ w2.T + b2) @ w3.T + b3
+
+
+class WeightNet(nn.Sequential):
+    def __init__(self):
+        torch.manual_seed(1)
+        super().__init__(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.to(DTYPE)
+
+    def forward(self, c):
+        return torch.sigmoid(super().forward(c.unsqueeze(1))).squeeze(1)
+
+
+def weight_net(lam, c):
+    a, b, u, ub = lam
+    return torch.sigmoid(torch.tanh(c[:, None] @ a.T + b) @ u.T + ub).squeeze(1)
+
+
+def make_base(layout: str, **kw) -> nn.Module:
+    base = Base()
+    if layout == "layers":
+        fully_shard(base.l1, **kw)
+        fully_shard(base.l2, **kw)
+    elif layout == "partial":  # θ partly sharded: the root (and its head) left replicated
+        fully_shard(base.l1, **kw)
+        return base
+    fully_shard(base, **kw)
+    return base
+
+
+def batch(rank: int, step: int, n: int = 10):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(n, 6, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def losses(base, wnet, x, y, xm, ym, through: bool = False):
+    """through: λ's weights also scale the base model's input, so ∂L_base/∂λ is backpropagated
+    through the sharded modules (FSDP's backward hooks run in passes 2 and 3)."""
+    def base_loss():
+        per = F.cross_entropy(base(x), y, reduction="none")
+        w = wnet(sama_ext.frozen(per))
+        loss = (w * per).sum() / w.sum()
+        if through:
+            loss = loss + 0.1 * F.cross_entropy(base(x * (1 + 0.1 * w[:, None])), y)
+        return loss
+
+    def meta_loss():
+        return F.cross_entropy(base(xm), ym) + 0.05 * wnet(xm[:, 0].abs()).mean()
+
+    return base_loss, meta_loss
+
+
+def full(ts):
+    return [t.full_tensor().detach().clone() for t in ts]
+
+
+def shards(ts):
+    with torch.no_grad():
+        return [t.to_local().detach().clone() for t in ts]
+
+
+def same_bits(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().contiguous().view(torch.uint8), b.detach().contiguous().view(torch.uint8))
+
+
+def base_step(base, wnet, opt, x, y) -> dict:
+    """An ordinary FSDP base step; returns what the oracle needs about it."""
+    opt.zero_grad()
+    per = F.cross_entropy(base(x), y, reduction="none")
+    with torch.no_grad():
+        w = wnet(per.detach())
+    ((w * per).sum() / w.sum()).backward()
+    params = list(base.parameters())
+    rec = {"theta_pre": full(params), "grads": full([p.grad for p in params]),
+           "state_pre": [{k: (v.full_tensor() if hasattr(v, "full_tensor") else v.clone()) if torch.is_tensor(v)
+                          else v for k, v in opt.state[p].items()} for p in params]}
+    opt.step()
+    return rec
+
+
+# ----------------------------------------------------------------------------- counting collectives
+_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "all_gather_single",
+                "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "reduce", "gather", "scatter",
+                "all_to_all", "all_to_all_single", "barrier", "all_reduce_coalesced", "all_gather_coalesced",
+                "broadcast_object_list", "all_gather_object", "send", "recv", "isend", "irecv")
+
+
+class Tally:
+    """Collectives seen from outside sama_ext, tagged with the number of closure calls so far."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.events: list[tuple[int, str]] = []
+        for name in _COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+
+            def wrapped(*a, _fn=fn, _name=name, **k):
+                self.events.append((len(self.calls), _name))
+                return _fn(*a, **k)
+
+            setattr(dist, name, wrapped)
+
+    def wrap(self, fn, tag):
+        def call():
+            self.calls.append(tag)
+            return fn()
+        return call
+
+    def start(self):
+        self.calls, self.events = [], []
+
+
+def setup(layout: str, opt_name: str, **kw):
+    base = make_base(layout, **kw)
+    wnet = WeightNet()
+    dwnet = DDP(wnet)
+    sdist.register_comm_hook(dwnet)
+    cls, hp = OPTS[opt_name]
+    opt = cls(base.parameters(), **hp)
+    meta_opt = torch.optim.SGD(wnet.parameters(), lr=0.1)
+    return base, wnet, dwnet, opt, meta_opt
+
+
+def run_config(rank: int, layout: str, opt_name: str, through: bool, tally: Tally, base_update: str = "restore") -> dict:
+    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name)
+    params, lam = list(base.parameters()), list(wnet.parameters())
+    g = torch.Generator().manual_seed(77)
+    for q in lam:  # λ.grad already holds something (the oracle adds it back)
+        q.grad = 1e-2 * torch.randn(q.shape, generator=g, dtype=DTYPE)
+    steps = []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        rec = base_step(base, wnet, opt, x, y)
+        xm, ym = batch(rank, 10_000 + step, n=8)
+        rec.update(theta=full(params), lam=[q.detach().clone() for q in lam], x=x, y=y, xm=xm, ym=ym,
+                   prior=[q.grad.detach().clone() for q in lam], shards_before=shards(params),
+                   shard_shapes=[tuple(t.shape) for t in shards(params)])
+        grads_before = [p.grad for p in params]
+        grad_bits = shards(grads_before)
+        base_loss, meta_loss = losses(base, dwnet, x, y, xm, ym, through)
+        tally.start()
+        info = sama_ext.meta_step(params, opt, lam, tally.wrap(base_loss, "base"), tally.wrap(meta_loss, "meta"),
+                                  alpha=ALPHA, base_module=base, meta_module=dwnet, base_update=base_update)
+        rec.update(calls=list(tally.calls), events=list(tally.events), eps=float(info.eps),
+                   skipped=bool(info.skipped), lam_grad=[q.grad.detach().clone() for q in lam],
+                   shards_after=shards(params),
+                   grad_same_objects=all(p.grad is g0 for p, g0 in zip(params, grads_before)),
+                   grad_same_bits=all(same_bits(a, b) for a, b in zip(shards([p.grad for p in params]), grad_bits)))
+        rec["theta_after"] = full(params)
+        steps.append(rec)
+        meta_opt.step()  # λ moves: the next round starts from another λ
+        for q in lam:
+            q.grad.mul_(0.5)
+    return {"steps": steps, "n_groups": sum(1 for m in base.modules()
+                                            if hasattr(m, "_get_fsdp_state")
+                                            and any(pg.fsdp_params for pg in m._get_fsdp_state()._fsdp_param_groups))}
+
+
+def bad_inputs(rank: int) -> dict:
+    """Each call must raise before any collective and change nothing; all ranks raise alike."""
+    out = {}
+    base, wnet, dwnet, opt, _ = setup("layers", "adam")
+    params, lam = list(base.parameters()), list(wnet.parameters())
+    x, y = batch(rank, 0)
+    base_step(base, wnet, opt, x, y)
+    xm, ym = batch(rank, 10_000, n=8)
+    base_loss, meta_loss = losses(base, dwnet, x, y, xm, ym)
+    plain = DDP(WeightNet())  # no SAMA hook
+    partial = make_base("partial")
+    p_opt = torch.optim.Adam(partial.parameters(), lr=1e-2, foreach=False)
+    p_loss = torch.tensor(0.0, dtype=DTYPE, requires_grad=True)
+    (F.cross_entropy(partial(x), y) + 0 * p_loss).backward()
+    p_opt.step()
+
+    def call(name, fn):
+        before = (shards(params), [p.grad for p in params], [None if q.grad is None else q.grad.clone() for q in lam])
+        n = len(tally_events)
+        try:
+            fn()
+            out[name] = {"raised": None}
+        except (ValueError, RuntimeError, TypeError, NotImplementedError) as e:
+            out[name] = {"raised": f"{type(e).__name__}: {e}"}
+        out[name]["unchanged"] = (all(same_bits(a, b) for a, b in zip(shards(params), before[0]))
+                                  and all(p.grad is g0 for p, g0 in zip(params, before[1]))
+                                  and all(same_bits(q.grad, g0) for q, g0 in zip(lam, before[2])))
+        out[name]["collectives"] = tally_events[n:]
+
+    tally_events = TALLY.events
+    TALLY.start()
+    call("subset", lambda: sama_ext.meta_step(params[:4], opt, lam, base_loss, meta_loss, base_module=base,
+                                              meta_module=dwnet))
+    call("no_hook", lambda: sama_ext.meta_step(params, opt, list(plain.module.parameters()), base_loss, meta_loss,
+                                               base_module=base, meta_module=plain))
+    call("no_meta_module", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base))
+    call("partial", lambda: sama_ext.meta_step(list(partial.parameters()), p_opt, lam, base_loss, meta_loss,
+                                               base_module=partial.l1, meta_module=dwnet))
+    call("partial_root", lambda: sama_ext.meta_step(list(partial.parameters()), p_opt, lam, base_loss, meta_loss,
+                                                    base_module=partial, meta_module=dwnet))
+
+    def no_grad_sync():
+        base.set_requires_gradient_sync(False)
+        try:
+            sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base, meta_module=dwnet)
+        finally:
+            base.set_requires_gradient_sync(True)
+
+    call("fsdp_no_sync", no_grad_sync)
+
+    def ddp_no_sync():
+        with dwnet.no_sync():
+            sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base, meta_module=dwnet)
+
+    call("ddp_no_sync", ddp_no_sync)
+    call("neumann", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base,
+                                               meta_module=dwnet, method="neumann"))
+    # after all of these, a correct call works on every rank
+    call("ok", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base,
+                                          meta_module=dwnet))
+    return out
+
+
+def failing_pass_3(rank: int) -> dict:
+    """Pass 3 fails on every rank (the frozen() check right after it, or its forward): nothing
+    changes, FSDP's state is usable, and the next meta step agrees with a fresh run's."""
+    base, wnet, dwnet, opt, _ = setup("layers", "adam")
+    params, lam = list(base.parameters()), list(wnet.parameters())
+    out = {}
+    for k, how in enumerate(("forward", "frozen")):
+        x, y = batch(rank, 40 + k)
+        base_step(base, wnet, opt, x, y)
+        xm, ym = batch(rank, 10_040 + k, n=8)
+        base_loss, meta_loss = losses(base, dwnet, x, y, xm, ym)
+        calls = [0]
+
+        def failing(_f=base_loss, _how=how):
+            calls[0] += 1
+            if calls[0] < 3:
+                return _f()
+            if _how == "forward":
+                raise RuntimeError("injected pass-3 failure")
+            per = F.cross_entropy(base(x), y, reduction="none")  # no frozen(): the check after pass 3 raises
+            w = dwnet(per.detach())
+            return (w * per).sum() / w.sum()
+
+        for q in lam:
+            q.grad = torch.full_like(q, 0.25)
+        before = (shards(params), [p.grad for p in params], shards([p.grad for p in params]),
+                  [q.grad.clone() for q in lam], [q.grad for q in lam])
+        try:
+            sama_ext.meta_step(params, opt, lam, failing, meta_loss, alpha=ALPHA, base_module=base,
+                               meta_module=dwnet)
+            raised = ""
+        except (RuntimeError, ValueError) as e:
+            raised = str(e)
+        dist.barrier()
+        out[how] = {"raised": raised,
+                    "theta": all(same_bits(a, b) for a, b in zip(shards(params), before[0])),
+                    "theta_grad": all(p.grad is g0 for p, g0 in zip(params, before[1]))
+                    and all(same_bits(a, b) for a, b in zip(shards([p.grad for p in params]), before[2])),
+                    "lam_grad": all(q.grad is g0 and same_bits(q.grad, b) for q, g0, b in zip(lam, before[4], before[3]))}
+    # the model still works: a meta step after the failures succeeds and gives the same λ.grad on all ranks
+    for q in lam:
+        q.grad = None
+    x, y = batch(rank, 50)
+    base_step(base, wnet, opt, x, y)
+    base_loss, meta_loss = losses(base, dwnet, x, y, *batch(rank, 10_050, n=8))
+    info = sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, alpha=ALPHA, base_module=base, meta_module=dwnet)
+    out["after"] = {"skipped": bool(info.skipped), "lam_grad": [q.grad.clone() for q in lam]}
+    return out
+
+
+TALLY: Tally | None = None
+
+
+def check_mode(args) -> None:
+    global TALLY
+    TALLY = Tally()
+    out = {name: run_config(args.rank, *cfg, TALLY) for name, cfg in CONFIGS.items()}
+    out["descend"] = run_config(args.rank, "layers", "adam", True, TALLY, base_update="descend")
+    out["bad"] = bad_inputs(args.rank)
+    out["fail3"] = failing_pass_3(args.rank)
+    torch.save(out, os.path.join(args.out, f"rank{args.rank}.pt"))
+
+
+def fail_mode(args) -> None:
+    """Rank fail_rank raises inside pass 2 (its θ is restored); the other ranks wait in a collective
+    that never comes and must give up at the process group's timeout."""
+    base, wnet, dwnet, opt, _ = setup("layers", "adam")
+    params, lam = list(base.parameters()), list(wnet.parameters())
+    x, y = batch(args.rank, 0)
+    base_step(base, wnet, opt, x, y)
+    base_loss, meta_loss = losses(base, dwnet, x, y, *batch(args.rank, 10_000, n=8))
+    calls = [0]
+
+    def failing():
+        calls[0] += 1
+        if args.rank == args.fail_rank and calls[0] == 2:
+            raise RuntimeError(f"injected failure on rank {args.rank}")
+        return base_loss()
+
+    before = shards(params)
+    try:
+        sama_ext.meta_step(params, opt, lam, failing, meta_loss, base_module=base, meta_module=dwnet)
+    except RuntimeError:
+        restored = all(same_bits(a, b) for a, b in zip(shards(params), before))
+        print(f"theta restored: {restored}", file=sys.stderr)
+        raise
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mode", default="check", choices=("check", "fail"))
+    ap.add_argument("--fail_rank", type=int, default=-1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                            world_size=args.world, timeout=datetime.timedelta(seconds=20))
+    (check_mode if args.mode == "check" else fail_mode)(args)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

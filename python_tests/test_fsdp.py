@@ -1,0 +1,194 @@
+"""FSDP2 (fully_shard) meta steps on gloo, 2 and 4 processes on loopback (fsdp_worker.py), against
+an independent float64 SAMA on the unsharded model with the rank-averaged meta and base losses,
+with collectives counted from outside sama_ext."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsdp_worker as fw  # noqa: E402
+from optim_oracle import StepRecord, oracle_diagonal  # noqa: E402
+from test_distributed import _launch  # noqa: E402  (the same subprocess launcher)
+
+WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _run(tmp_path, world: int, timeout: float = 300, **kw):
+    return _launch(tmp_path, world, timeout=timeout, worker=WORKER, **kw)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def check_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
+    res = _run(out, request.param, mode="check")
+    assert all(r.returncode == 0 for r in res), "\n".join(r.stderr[-3000:] for r in res)
+    return request.param, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(request.param)]
+
+
+# ----------------------------------------------------------------------------- the oracle
+# SAMA written out by hand in float64 on the unsharded network (fsdp_worker.base_forward /
+# weight_net), nothing from sama_ext: d and λ's direct gradient of the rank-averaged meta loss,
+# the diagonal from torch.func on torch's own optimiser (optim_oracle) at the full state, ε = α/‖v‖,
+# g± of the rank-averaged base loss at θ ± εv with each rank's frozen per-sample loss taken at θ.
+
+def _diagonal(rec, opt_name):
+    cls, hp = fw.OPTS[opt_name]
+    params = [t.clone().requires_grad_(True) for t in rec["theta"]]
+    step = StepRecord(optimizer=cls(params, **hp), params=params, theta_pre=rec["theta_pre"],
+                      state_pre=rec["state_pre"], grads=rec["grads"])
+    return oracle_diagonal(step)
+
+
+def _oracle(recs, opt_name, through):
+    """(expected λ.grad, v, ε) for one meta step, from every rank's record."""
+    th, lam = recs[0]["theta"], recs[0]["lam"]
+
+    def meta_avg(th, lam):
+        return sum(F.cross_entropy(fw.base_forward(th, r["xm"]), r["ym"])
+                   + 0.05 * fw.weight_net(lam, r["xm"][:, 0].abs()).mean() for r in recs) / len(recs)
+
+    per = [F.cross_entropy(fw.base_forward(th, r["x"]), r["y"], reduction="none") for r in recs]  # frozen, at θ
+
+    def base_avg(th, lam):
+        total = 0
+        for r, c in zip(recs, per):
+            w = fw.weight_net(lam, c)
+            total = total + (w * F.cross_entropy(fw.base_forward(th, r["x"]), r["y"], reduction="none")).sum() / w.sum()
+            if through:
+                total = total + 0.1 * F.cross_entropy(fw.base_forward(th, r["x"] * (1 + 0.1 * w[:, None])), r["y"])
+        return total / len(recs)
+
+    d, direct = torch.func.grad(meta_avg, argnums=(0, 1))(th, lam)
+    v = [a * b for a, b in zip(_diagonal(recs[0], opt_name), d)]
+    eps = fw.ALPHA / torch.sqrt(sum((t * t).sum() for t in v))
+    g_lam = torch.func.grad(base_avg, argnums=1)
+    g_p = g_lam([t + eps * w for t, w in zip(th, v)], lam)
+    g_m = g_lam([t - eps * w for t, w in zip(th, v)], lam)
+    want = [pr + dl + (m - p) / (2 * eps) for pr, dl, m, p in zip(recs[0]["prior"], direct, g_m, g_p)]
+    return want, v, float(eps.detach())
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def _same(a, b):
+    return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("config", list(fw.CONFIGS))
+def test_fsdp_meta_gradient_equals_float64_sama_on_rank_averaged_losses(check_run, config):
+    """Two nestings (per layer + root; root only) × Adam/AdamW/SGD, three consecutive rounds of
+    base step, meta step and λ step, λ.grad set before each: λ.grad equals the oracle to 1e-9 of
+    the step's contribution, bit-identical on every rank; θ's shards bit-identical after the call
+    (restore), θ.grad the same tensors with the same bits."""
+    world, data = check_run
+    _, opt_name, through = fw.CONFIGS[config]
+    worst = 0.0
+    for step in range(fw.STEPS):
+        recs = [d[config]["steps"][step] for d in data]
+        for r in recs[1:]:  # one global θ, λ, prior on all ranks
+            for key in ("theta", "lam", "prior"):
+                assert _same(r[key], recs[0][key]), key
+        assert sum(r["shard_shapes"][0][0] for r in recs) == 16  # θ really is split over the ranks
+        want, _, eps = _oracle(recs, opt_name, through)
+        for r in recs:
+            assert not r["skipped"] and r["eps"] == pytest.approx(eps, rel=1e-9)
+            for i, (got, w, prior) in enumerate(zip(r["lam_grad"], want, r["prior"])):
+                err, scale = float((got - w).abs().max()), float((w - prior).abs().max())
+                assert scale > 0
+                worst = max(worst, err / scale)
+                assert err <= 1e-9 * scale, f"λ[{i}] step {step}: max error {err:.3g}, max |meta-gradient| {scale:.3g}"
+            assert _same(r["lam_grad"], recs[0]["lam_grad"])
+            assert _same(r["shards_after"], r["shards_before"])  # restore, bit for bit, on every shard
+            assert _same(r["theta_after"], r["theta"])
+            assert r["grad_same_objects"] and r["grad_same_bits"]
+    assert worst < 1e-9
+
+
+@pytest.mark.parametrize("config", list(fw.CONFIGS))
+def test_fsdp_collectives_per_meta_step(check_run, config):
+    """Counted outside sama_ext. Pass 1 (meta_loss): FSDP's all-gathers and one reduce-scatter per
+    FSDP group, then the one scalar all-reduce of Σv²; the frozen() record at θ and pass 2: only
+    all-gathers; pass 3: all-gathers and λ's all-reduce (one DDP bucket), nothing else."""
+    world, data = check_run
+    for d in data:
+        n_groups = d[config]["n_groups"]
+        assert n_groups == (3 if fw.CONFIGS[config][0] == "layers" else 1)
+        for rec in d[config]["steps"]:
+            assert rec["calls"] == ["meta", "base", "base", "base"]
+            by_pass = {k: [name for tag, name in rec["events"] if tag == k] for k in range(5)}
+            assert by_pass[0] == []
+            p1 = by_pass[1]
+            assert p1.count("reduce_scatter_single") == n_groups and p1[-1] == "all_reduce"
+            assert set(p1[:-1]) == {"all_gather_single", "reduce_scatter_single"}
+            for k in (2, 3):  # no reduce-scatter, no all-reduce: θ's gradients untouched, λ local
+                assert by_pass[k] and set(by_pass[k]) == {"all_gather_single"}, by_pass[k]
+            assert by_pass[4][-1] == "all_reduce" and set(by_pass[4][:-1]) == {"all_gather_single"}
+            assert sum(name == "all_reduce" for _, name in rec["events"]) == 2
+
+
+def test_fsdp_descend_moves_the_global_theta_consistently(check_run):
+    """base_update="descend": every rank's shards hold θ − εv of the oracle (no broadcast: θ± is
+    global), so the gathered θ is bit-identical on all ranks."""
+    world, data = check_run
+    for step in range(fw.STEPS):
+        recs = [d["descend"]["steps"][step] for d in data]
+        _, v, eps = _oracle(recs, "adam", True)
+        for r in recs:
+            assert _same(r["theta_after"], recs[0]["theta_after"])
+            for t0, t1, vi in zip(r["theta"], r["theta_after"], v):
+                want = t0 - eps * vi
+                assert float((t1 - want).abs().max()) <= 1e-12 * max(1.0, float(want.abs().max()))
+            assert any(not torch.equal(a, b) for a, b in zip(r["theta_after"], r["theta"]))
+        assert sum(name == "all_reduce" for _, name in recs[0]["events"]) == 2  # and no broadcast
+        assert not any(name == "broadcast" for _, name in recs[0]["events"])
+
+
+BAD = {"subset": "ValueError: sama_ext.meta_step: base_params must be exactly base_module's trainable parameters",
+       "no_hook": "RuntimeError: sama_ext.meta_step: call sama_ext.distributed.register_comm_hook",
+       "no_meta_module": "ValueError: sama_ext.meta_step: with an FSDP2 base_module, pass meta_module=",
+       "partial": "ValueError: sama_ext.meta_step: base_params [2, 3, 4, 5] are not sharded by fully_shard",
+       "partial_root": "TypeError: sama_ext.meta_step: base_module must be a DistributedDataParallel module",
+       "fsdp_no_sync": "RuntimeError: sama_ext.meta_step: called with FSDP gradient sync off",
+       "ddp_no_sync": "RuntimeError: sama_ext.meta_step: called inside meta_module.no_sync()",
+       "neumann": "NotImplementedError: sama_ext.meta_step: method='neumann' is single-process only"}
+
+
+def test_fsdp_bad_inputs_raise_before_any_collective_and_change_nothing(check_run):
+    world, data = check_run
+    for d in data:
+        bad = d["bad"]
+        for name, start in BAD.items():
+            assert bad[name]["raised"] is not None and bad[name]["raised"].startswith(start), (name, bad[name])
+            assert bad[name]["unchanged"] and bad[name]["collectives"] == [], (name, bad[name])
+        assert bad["ok"]["raised"] is None  # and a correct call afterwards works on every rank
+
+
+def test_fsdp_failing_pass_3_leaves_everything_and_fsdp_usable(check_run):
+    """Pass 3 raises on every rank (in its forward; in the frozen() check right after it): θ's
+    shards, θ.grad and λ.grad as they were (same tensors, same bits); the next meta step succeeds
+    and agrees on every rank."""
+    world, data = check_run
+    for d in data:
+        f = d["fail3"]
+        assert f["forward"]["raised"] == "injected pass-3 failure"
+        assert f["frozen"]["raised"].startswith("sama_ext.frozen: base_loss called frozen() 1 times")
+        for how in ("forward", "frozen"):
+            assert f[how]["theta"] and f[how]["theta_grad"] and f[how]["lam_grad"], f[how]
+        assert not f["after"]["skipped"]
+        assert _same(f["after"]["lam_grad"], data[0]["fail3"]["after"]["lam_grad"])
+
+
+def test_fsdp_a_failing_rank_does_not_hang_the_others(tmp_path):
+    res = _run(tmp_path, 2, mode="fail", fail_rank=1, timeout=180)
+    assert res[1].returncode != 0 and "injected failure on rank 1" in res[1].stderr
+    assert "theta restored: True" in res[1].stderr
+    assert res[0].returncode != 0  # rank 0 gave up at the collective timeout instead of hanging
