@@ -33,9 +33,24 @@ STEPS = 3
 OPTS = {"adam": (torch.optim.Adam, dict(lr=1e-2)),
         "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
         "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9))}
-# (nesting, optimiser, λ's gradient also flows through the sharded model)
-CONFIGS = {"layers-adamw": ("layers", "adamw", True), "root-adam": ("root", "adam", False),
-           "layers-sgd": ("layers", "sgd", False), "root-sgd": ("root", "sgd", True)}
+# (nesting, optimiser, λ's gradient also flows through the sharded model, fully_shard options)
+CONFIGS = {"layers-adamw": ("layers", "adamw", True, {}), "root-adam": ("root", "adam", False, {}),
+           "layers-sgd": ("layers", "sgd", False, {}), "root-sgd": ("root", "sgd", True, {}),
+           "keep-unsharded": ("layers", "adam", True, {"reshard_after_forward": False}),
+           "bf16-compute": ("layers", "adam", True, {"mp_policy": "bf16"}),
+           "cpu-offload": ("layers", "adam", True, {"offload_policy": "cpu"})}
+EXACT = ("layers-adamw", "root-adam", "layers-sgd", "root-sgd", "keep-unsharded", "cpu-offload")
+
+
+def shard_options(opts: dict) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    out = dict(opts)
+    if out.get("mp_policy") == "bf16":
+        out["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if out.get("offload_policy") == "cpu":
+        out["offload_policy"] = CPUOffloadPolicy(pin_memory=False)  # pinning needs a CUDA driver
+    return out
 
 
 class Base(nn.Module):
@@ -64,7 +79,7 @@ class WeightNet(nn.Sequential):
         self.to(DTYPE)
 
     def forward(self, c):
-        return torch.sigmoid(super().forward(c.unsqueeze(1))).squeeze(1)
+        return torch.sigmoid(super().forward(c.to(DTYPE).unsqueeze(1))).squeeze(1)  # (a bf16 model gives bf16 c)
 
 
 def weight_net(lam, c):
@@ -184,8 +199,9 @@ def setup(layout: str, opt_name: str, **kw):
     return base, wnet, dwnet, opt, meta_opt
 
 
-def run_config(rank: int, layout: str, opt_name: str, through: bool, tally: Tally, base_update: str = "restore") -> dict:
-    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name)
+def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict, tally: Tally,
+               base_update: str = "restore") -> dict:
+    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, **shard_options(opts))
     params, lam = list(base.parameters()), list(wnet.parameters())
     g = torch.Generator().manual_seed(77)
     for q in lam:  # λ.grad already holds something (the oracle adds it back)
@@ -339,7 +355,7 @@ def check_mode(args) -> None:
     global TALLY
     TALLY = Tally()
     out = {name: run_config(args.rank, *cfg, TALLY) for name, cfg in CONFIGS.items()}
-    out["descend"] = run_config(args.rank, "layers", "adam", True, TALLY, base_update="descend")
+    out["descend"] = run_config(args.rank, "layers", "adam", True, {}, TALLY, base_update="descend")
     out["bad"] = bad_inputs(args.rank)
     out["fail3"] = failing_pass_3(args.rank)
     torch.save(out, os.path.join(args.out, f"rank{args.rank}.pt"))

@@ -161,7 +161,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
         local = [p.to_local() for p in theta]  # the shards themselves (to_local without grad: no copy)
         if last_grads is not None:
             last_grads = [None if g is None else _local(g) for g in last_grads]
-    dev = local[0].device
+    dev, comm_dev = local[0].device, groups[0].device
 
     buffers = BufferGuard() if restore_buffers else None
     grad_mode, recorder = torch.is_grad_enabled(), current_recorder()
@@ -191,8 +191,10 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
             else:
                 sumsq = ops.const_adapt(d, d, lr=1.0, factor=1.0)
             v = d
-            sumsq = sumsq.to(device=dev, dtype=torch.float64).clone()
+            # on FSDP's compute device: with CPU offload the shards are on the host, the group may be NCCL's
+            sumsq = sumsq.to(device=comm_dev, dtype=torch.float64).clone()
             dist.all_reduce(sumsq, group=group)  # the one scalar all-reduce
+            sumsq = sumsq.to(dev)
             norm = sumsq.sqrt()
             ok = torch.isfinite(norm) & (norm > 0)
             eps = torch.where(ok, alpha / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
@@ -222,8 +224,9 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                 precision.perturb_from_(local, backup, v, -eps)
                 if measure:  # what rounding left of ±εv, summed over the shards (one more small all-reduce)
                     dot_m, moved_m = precision.moved(local, backup, v)
-                    sums = torch.stack([dot_p, dot_m, moved_p.double(), moved_m.double()])
+                    sums = torch.stack([dot_p, dot_m, moved_p.double(), moved_m.double()]).to(comm_dev)
                     dist.all_reduce(sums, group=group)
+                    sums = sums.to(dev)
                     eps_r, lost = precision.realized_eps(sums[0], -sums[1], sumsq, sums[2], sums[3], eps)
                     moved_p = sums[2].long()
                 else:
