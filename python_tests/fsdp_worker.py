@@ -38,7 +38,8 @@ CONFIGS = {"layers-adamw": ("layers", "adamw", True, {}), "root-adam": ("root", 
            "layers-sgd": ("layers", "sgd", False, {}), "root-sgd": ("root", "sgd", True, {}),
            "keep-unsharded": ("layers", "adam", True, {"reshard_after_forward": False}),
            "bf16-compute": ("layers", "adam", True, {"mp_policy": "bf16"}),
-           "cpu-offload": ("layers", "adam", True, {"offload_policy": "cpu"})}
+           "cpu-offload": ("layers", "adam", True, {"offload_policy": "cpu"}),
+           "bf16-params": ("layers", "adamw", True, {"dtype": torch.bfloat16})}
 EXACT = ("layers-adamw", "root-adam", "layers-sgd", "root-sgd", "keep-unsharded", "cpu-offload")
 
 
@@ -79,7 +80,7 @@ class WeightNet(nn.Sequential):
         self.to(DTYPE)
 
     def forward(self, c):
-        return torch.sigmoid(super().forward(c.to(DTYPE).unsqueeze(1))).squeeze(1)  # (a bf16 model gives bf16 c)
+        return torch.sigmoid(super().forward(c.to(self[0].weight.dtype).unsqueeze(1))).squeeze(1)  # (c from a bf16 model)
 
 
 def weight_net(lam, c):
@@ -87,8 +88,8 @@ def weight_net(lam, c):
     return torch.sigmoid(torch.tanh(c[:, None] @ a.T + b) @ u.T + ub).squeeze(1)
 
 
-def make_base(layout: str, **kw) -> nn.Module:
-    base = Base()
+def make_base(layout: str, dtype=DTYPE, **kw) -> nn.Module:
+    base = Base().to(dtype)
     if layout == "layers":
         fully_shard(base.l1, **kw)
         fully_shard(base.l2, **kw)
@@ -151,6 +152,9 @@ def base_step(base, wnet, opt, x, y) -> dict:
            "state_pre": [{k: (v.full_tensor() if hasattr(v, "full_tensor") else v.clone()) if torch.is_tensor(v)
                           else v for k, v in opt.state[p].items()} for p in params]}
     opt.step()
+    # where the second moment is exactly 0 after the step (safeguard "zero_unseen": diagonal 0)
+    rec["unseen"] = [full([opt.state[p]["exp_avg_sq"]])[0] == 0 if "exp_avg_sq" in opt.state[p] else None
+                     for p in params]
     return rec
 
 
@@ -188,9 +192,9 @@ class Tally:
         self.calls, self.events = [], []
 
 
-def setup(layout: str, opt_name: str, **kw):
-    base = make_base(layout, **kw)
-    wnet = WeightNet()
+def setup(layout: str, opt_name: str, dtype=DTYPE, **kw):
+    base = make_base(layout, dtype, **kw)
+    wnet = WeightNet().to(dtype)
     dwnet = DDP(wnet)
     sdist.register_comm_hook(dwnet)
     cls, hp = OPTS[opt_name]
@@ -201,16 +205,20 @@ def setup(layout: str, opt_name: str, **kw):
 
 def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict, tally: Tally,
                base_update: str = "restore") -> dict:
-    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, **shard_options(opts))
+    opts = dict(opts)
+    dtype = opts.pop("dtype", DTYPE)
+    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, dtype=dtype, **shard_options(opts))
     params, lam = list(base.parameters()), list(wnet.parameters())
     g = torch.Generator().manual_seed(77)
     for q in lam:  # λ.grad already holds something (the oracle adds it back)
-        q.grad = 1e-2 * torch.randn(q.shape, generator=g, dtype=DTYPE)
+        q.grad = (1e-2 * torch.randn(q.shape, generator=g, dtype=DTYPE)).to(dtype)
     steps = []
     for step in range(STEPS):
         x, y = batch(rank, step)
+        x = x.to(dtype)
         rec = base_step(base, wnet, opt, x, y)
         xm, ym = batch(rank, 10_000 + step, n=8)
+        xm = xm.to(dtype)
         rec.update(theta=full(params), lam=[q.detach().clone() for q in lam], x=x, y=y, xm=xm, ym=ym,
                    prior=[q.grad.detach().clone() for q in lam], shards_before=shards(params),
                    shard_shapes=[tuple(t.shape) for t in shards(params)])
