@@ -128,7 +128,7 @@ def test_fsdp_meta_gradient_equals_float64_sama_on_rank_averaged_losses(check_ru
 def test_fsdp_mixed_precision_bf16_compute_close_to_float64(check_run):
     """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): forwards and backwards in bf16
     over float64 shards. The oracle (float64 throughout, at the same θ) differs by bf16 rounding
-    only: measured cosine 1.000000, max error ≤ 6e-4 of the contribution (2 ranks)."""
+    only: measured cosine ≥ 0.9999998, max error ≤ 5.8e-4 of the contribution (2 and 4 ranks)."""
     world, data = check_run
     for step in range(fw.STEPS):
         recs = [d["bf16-compute"]["steps"][step] for d in data]
@@ -144,7 +144,8 @@ def test_fsdp_mixed_precision_bf16_compute_close_to_float64(check_run):
 def test_fsdp_bf16_parameters_end_to_end(check_run):
     """Base model, AdamW state and λ in bfloat16 (θ± rounded stochastically on each shard, the
     realized ε summed over shards): λ.grad against a float64 SAMA at the same values. Measured
-    cosine 0.99999, max error ≤ 9e-3 of the contribution (2 ranks); θ's shards restored bit for bit."""
+    cosine ≥ 0.99996, max error ≤ 1.3e-2 of the contribution (2 and 4 ranks); θ's shards restored
+    bit for bit."""
     world, data = check_run
     for step in range(fw.STEPS):
         recs = [d["bf16-params"]["steps"][step] for d in data]

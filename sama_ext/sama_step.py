@@ -97,7 +97,8 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     forward; biased by O(α): measured cosine 0.61 instead of 1.000 at α = 1 on a reweighting task).
     base_module / meta_module: the DDP wrappers when distributed (see sama_ext.distributed);
     the meta module needs `sama_ext.distributed.register_comm_hook` once, and meta_params must be
-    exactly its trainable parameters.
+    exactly its trainable parameters. base_module may instead be an FSDP2 (`fully_shard`) module:
+    θ sharded, see sama_ext.fsdp and docs/distributed.md.
     safeguard: Adam/AdamW, RMSprop, Adagrad — "zero_unseen" (default: the diagonal is 0 where the
     second moment is exactly 0) or "none" (the exact diagonal everywhere). Such never-seen coordinates have a
     huge exact diagonal but, as long as their input is still 0 in the base batch, no effect on the
