@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sama_ext  # noqa: E402
 from sama_ext import distributed as sdist  # noqa: E402
 
@@ -369,6 +370,51 @@ def check_mode(args) -> None:
     torch.save(out, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 
+def peft_mode(args) -> None:
+    """A PEFT LoRA Llama (peft_lm) with fully_shard on each decoder layer and the root: base params
+    = the adapters only. Two rounds of base step and meta step, recorded for the oracle."""
+    import peft_lm
+
+    rank = args.rank
+    model = peft_lm.build()
+    for layer in peft_lm.layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    wnet = WeightNet()
+    dwnet = DDP(wnet)
+    sdist.register_comm_hook(dwnet)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for p in model.parameters() if p.requires_grad]
+    frozen_params = [p for p in model.parameters() if not p.requires_grad]
+    opt = torch.optim.Adam(lora, lr=1e-2)
+    lam = list(wnet.parameters())
+    steps = []
+    for step in range(2):
+        x = peft_lm.tokens(rank, step)
+        opt.zero_grad()
+        per = peft_lm.per_sequence(model, x)
+        with torch.no_grad():
+            w = wnet(per.detach())
+        ((w * per).sum() / w.sum()).backward()
+        rec = {"theta_pre": full(lora), "grads": full([p.grad for p in lora]),
+               "state_pre": [{k: v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+                              for k, v in opt.state[p].items()} for p in lora]}
+        opt.step()
+        rec["unseen"] = [full([opt.state[p]["exp_avg_sq"]])[0] == 0 for p in lora]
+        xm = peft_lm.tokens(rank, 1000 + step)
+        for q in lam:
+            q.grad = torch.full_like(q, 0.01 * (step + 1))
+        rec.update(names=names, theta=full(lora), lam=[q.detach().clone() for q in lam], x=x, xm=xm,
+                   prior=[q.grad.clone() for q in lam], shards_before=shards(lora), frozen_before=shards(frozen_params))
+        base_loss, meta_loss = peft_lm.losses(model, dwnet, x, xm, sama_ext.frozen)
+        sama_ext.meta_step(lora, opt, lam, base_loss, meta_loss, alpha=ALPHA, base_module=model, meta_module=dwnet)
+        rec.update(lam_grad=[q.grad.clone() for q in lam], shards_after=shards(lora),
+                   frozen_same=all(same_bits(a, b) for a, b in zip(shards(frozen_params), rec["frozen_before"])))
+        del rec["frozen_before"]
+        steps.append(rec)
+    torch.save(steps, os.path.join(args.out, f"rank{rank}.pt"))
+
+
 def fail_mode(args) -> None:
     """Rank fail_rank raises inside pass 2 (its θ is restored); the other ranks wait in a collective
     that never comes and must give up at the process group's timeout."""
@@ -400,13 +446,13 @@ def main() -> None:
     ap.add_argument("--world", type=int, required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", default="check", choices=("check", "fail"))
+    ap.add_argument("--mode", default="check", choices=("check", "fail", "peft"))
     ap.add_argument("--fail_rank", type=int, default=-1)
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                             world_size=args.world, timeout=datetime.timedelta(seconds=20))
-    (check_mode if args.mode == "check" else fail_mode)(args)
+    {"check": check_mode, "fail": fail_mode, "peft": peft_mode}[args.mode](args)
     dist.destroy_process_group()
 
 

@@ -243,3 +243,116 @@ def test_fsdp_a_failing_rank_does_not_hang_the_others(tmp_path):
     assert res[1].returncode != 0 and "injected failure on rank 1" in res[1].stderr
     assert "theta restored: True" in res[1].stderr
     assert res[0].returncode != 0  # rank 0 gave up at the collective timeout instead of hanging
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA adapters
+# base params = only the LoRA adapters of an HF Llama built from a config (peft_lm); the oracle
+# evaluates the same unsharded network with the adapters' values substituted (functional_call).
+
+class _At:
+    """The PEFT model with its adapters replaced by the given values."""
+
+    def __init__(self, model, names, values):
+        self.model, self.params = model, dict(zip(names, values))
+
+    def __call__(self, input_ids):
+        return torch.func.functional_call(self.model, self.params, (), {"input_ids": input_ids})
+
+
+def _peft_oracle(recs, model):
+    import peft_lm
+
+    names, th, lam = recs[0]["names"], recs[0]["theta"], recs[0]["lam"]
+
+    def per(th, x):
+        return peft_lm.per_sequence(_At(model, names, th), x)
+
+    def meta_avg(th, lam):
+        return sum(per(th, r["xm"]).mean() + 0.05 * fw.weight_net(lam, per(th, r["xm"]).detach()).mean()
+                   for r in recs) / len(recs)
+
+    with torch.no_grad():
+        frozen = [per(th, r["x"]) for r in recs]
+
+    def base_avg(th, lam):
+        total = 0
+        for r, c in zip(recs, frozen):
+            w = fw.weight_net(lam, c)
+            total = total + (w * per(th, r["x"])).sum() / w.sum()
+        return total / len(recs)
+
+    d, direct = torch.func.grad(meta_avg, argnums=(0, 1))(th, lam)
+    v = [a * b for a, b in zip(_diagonal(recs[0], "adam"), d)]
+    eps = fw.ALPHA / torch.sqrt(sum((t * t).sum() for t in v))
+    g_lam = torch.func.grad(base_avg, argnums=1)
+    g_p = g_lam([t + eps * w for t, w in zip(th, v)], lam)
+    g_m = g_lam([t - eps * w for t, w in zip(th, v)], lam)
+    return [pr + dl + (m - p) / (2 * eps) for pr, dl, m, p in zip(recs[0]["prior"], direct, g_m, g_p)]
+
+
+def _check_lam_grad(got, want, prior, what):
+    for i, (g, w, p) in enumerate(zip(got, want, prior)):
+        err, scale = float((g - w).abs().max()), float((w - p).abs().max())
+        assert scale > 0 and err <= 1e-9 * scale, f"{what} λ[{i}]: max error {err:.3g}, max |meta-gradient| {scale:.3g}"
+
+
+def test_peft_lora_adapters_as_base_params_single_process():
+    """Without FSDP: the adapters are θ, the frozen Llama weights untouched bit for bit, λ.grad equal
+    to the float64 oracle to 1e-9 of the step's contribution, two consecutive rounds."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import peft_lm
+    import sama_ext
+
+    model = peft_lm.build()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert len(lora) == 8 and len(frozen) > len(lora)
+    frozen_before = [p.detach().clone() for p in frozen]
+    wnet = fw.WeightNet()
+    lam = list(wnet.parameters())
+    opt = torch.optim.Adam(lora, lr=1e-2)
+    for step in range(2):
+        x, xm = peft_lm.tokens(0, step), peft_lm.tokens(0, 1000 + step)
+        opt.zero_grad()
+        per = peft_lm.per_sequence(model, x)
+        with torch.no_grad():
+            w = wnet(per.detach())
+        ((w * per).sum() / w.sum()).backward()
+        rec = {"theta_pre": [p.detach().clone() for p in lora], "grads": [p.grad.clone() for p in lora],
+               "state_pre": [{k: v.clone() for k, v in opt.state[p].items()} for p in lora]}
+        opt.step()
+        rec["unseen"] = [opt.state[p]["exp_avg_sq"] == 0 for p in lora]
+        for q in lam:
+            q.grad = torch.full_like(q, 0.01 * (step + 1))
+        rec.update(names=names, theta=[p.detach().clone() for p in lora], lam=[q.detach().clone() for q in lam],
+                   x=x, xm=xm, prior=[q.grad.clone() for q in lam])
+        base_loss, meta_loss = peft_lm.losses(model, wnet, x, xm, sama_ext.frozen)
+        info = sama_ext.meta_step(lora, opt, lam, base_loss, meta_loss, alpha=fw.ALPHA)
+        assert not bool(info.skipped)
+        _check_lam_grad([q.grad for q in lam], _peft_oracle([rec], model), rec["prior"], f"step {step}")
+        assert _same(lora, rec["theta"]) and _same(frozen, frozen_before)
+
+
+def test_peft_lora_adapters_under_fsdp2(tmp_path):
+    """fully_shard on each decoder layer and the root of the PEFT model (frozen and LoRA weights in
+    the same FSDP groups), 2 ranks: λ.grad equals the float64 oracle on the unsharded model with the
+    rank-averaged losses, identically on both ranks; adapters' shards restored and frozen weights'
+    shards untouched bit for bit."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import peft_lm
+
+    res = _run(tmp_path, 2, mode="peft")
+    assert all(r.returncode == 0 for r in res), "\n".join(r.stderr[-3000:] for r in res)
+    data = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = peft_lm.build()
+    for step in range(2):
+        recs = [d[step] for d in data]
+        assert _same(recs[0]["theta"], recs[1]["theta"])
+        want = _peft_oracle(recs, model)
+        for r in recs:
+            _check_lam_grad(r["lam_grad"], want, r["prior"], f"step {step}")
+            assert _same(r["lam_grad"], recs[0]["lam_grad"])
+            assert _same(r["shards_after"], r["shards_before"]) and r["frozen_same"]
