@@ -13,7 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_worker as fw  # noqa: E402
 from optim_oracle import StepRecord, oracle_diagonal  # noqa: E402
-from test_distributed import _launch  # noqa: E402  (the same subprocess launcher)
+from test_distributed import _free_port, _launch  # noqa: E402  (the same subprocess launcher)
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -356,3 +356,20 @@ def test_peft_lora_adapters_under_fsdp2(tmp_path):
             _check_lam_grad(r["lam_grad"], want, r["prior"], f"step {step}")
             assert _same(r["lam_grad"], recs[0]["lam_grad"])
             assert _same(r["shards_after"], r["shards_before"]) and r["frozen_same"]
+
+
+def test_fsdp_example_runs_with_torchrun_quick():
+    """examples/fsdp_reweighting.py as the README runs it (torchrun, 2 ranks, --quick)."""
+    import os
+    import subprocess
+
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port", str(_free_port()), str(repo / "examples" / "fsdp_reweighting.py"),
+                           "--quick"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1: shards of LoRA adapters" in proc.stdout and "learned weight: clean sequences" in proc.stdout
