@@ -40,8 +40,11 @@ CONFIGS = {"layers-adamw": ("layers", "adamw", True, {}), "root-adam": ("root", 
            "keep-unsharded": ("layers", "adam", True, {"reshard_after_forward": False}),
            "bf16-compute": ("layers", "adam", True, {"mp_policy": "bf16"}),
            "cpu-offload": ("layers", "adam", True, {"offload_policy": "cpu"}),
-           "bf16-params": ("layers", "adamw", True, {"dtype": torch.bfloat16})}
-EXACT = ("layers-adamw", "root-adam", "layers-sgd", "root-sgd", "keep-unsharded", "cpu-offload")
+           "bf16-params": ("layers", "adamw", True, {"dtype": torch.bfloat16}),
+           "fsdp-lambda": ("layers", "adam", True, {"lam": "fsdp"}),
+           "fsdp-lambda-root": ("root", "sgd", False, {"lam": "fsdp"})}
+EXACT = ("layers-adamw", "root-adam", "layers-sgd", "root-sgd", "keep-unsharded", "cpu-offload", "fsdp-lambda",
+         "fsdp-lambda-root")
 
 
 def shard_options(opts: dict) -> dict:
@@ -130,8 +133,9 @@ def full(ts):
 
 
 def shards(ts):
+    """This rank's shards (a plain tensor: itself), copied."""
     with torch.no_grad():
-        return [t.to_local().detach().clone() for t in ts]
+        return [(t.to_local() if hasattr(t, "to_local") else t).detach().clone() for t in ts]
 
 
 def same_bits(a, b) -> bool:
@@ -193,11 +197,17 @@ class Tally:
         self.calls, self.events = [], []
 
 
-def setup(layout: str, opt_name: str, dtype=DTYPE, **kw):
+def setup(layout: str, opt_name: str, dtype=DTYPE, lam_fsdp: bool = False, **kw):
+    """λ's module: DDP with SAMA's hook, or (lam_fsdp) sharded by fully_shard too (first layer + root)."""
     base = make_base(layout, dtype, **kw)
     wnet = WeightNet().to(dtype)
-    dwnet = DDP(wnet)
-    sdist.register_comm_hook(dwnet)
+    if lam_fsdp:
+        fully_shard(wnet[0])
+        fully_shard(wnet)
+        dwnet = wnet
+    else:
+        dwnet = DDP(wnet)
+        sdist.register_comm_hook(dwnet)
     cls, hp = OPTS[opt_name]
     opt = cls(base.parameters(), **hp)
     meta_opt = torch.optim.SGD(wnet.parameters(), lr=0.1)
@@ -208,11 +218,16 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
                base_update: str = "restore") -> dict:
     opts = dict(opts)
     dtype = opts.pop("dtype", DTYPE)
-    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, dtype=dtype, **shard_options(opts))
+    lam_fsdp = opts.pop("lam", None) == "fsdp"
+    base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, dtype=dtype, lam_fsdp=lam_fsdp, **shard_options(opts))
     params, lam = list(base.parameters()), list(wnet.parameters())
     g = torch.Generator().manual_seed(77)
-    for q in lam:  # λ.grad already holds something (the oracle adds it back)
-        q.grad = (1e-2 * torch.randn(q.shape, generator=g, dtype=DTYPE)).to(dtype)
+    if lam_fsdp:  # λ.grad already holds something (the oracle adds it back): from an FSDP backward
+        (1e-2 * wnet(torch.randn(7, generator=g, dtype=DTYPE).abs()).sum()).backward()
+    else:
+        for q in lam:
+            q.grad = (1e-2 * torch.randn(q.shape, generator=g, dtype=DTYPE)).to(dtype)
+    values = full if lam_fsdp else (lambda ts: [t.detach().clone() for t in ts])
     steps = []
     for step in range(STEPS):
         x, y = batch(rank, step)
@@ -220,8 +235,8 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
         rec = base_step(base, wnet, opt, x, y)
         xm, ym = batch(rank, 10_000 + step, n=8)
         xm = xm.to(dtype)
-        rec.update(theta=full(params), lam=[q.detach().clone() for q in lam], x=x, y=y, xm=xm, ym=ym,
-                   prior=[q.grad.detach().clone() for q in lam], shards_before=shards(params),
+        rec.update(theta=full(params), lam=values(lam), x=x, y=y, xm=xm, ym=ym,
+                   prior=values([q.grad for q in lam]), shards_before=shards(params),
                    shard_shapes=[tuple(t.shape) for t in shards(params)])
         grads_before = [p.grad for p in params]
         grad_bits = shards(grads_before)
@@ -230,7 +245,7 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
         info = sama_ext.meta_step(params, opt, lam, tally.wrap(base_loss, "base"), tally.wrap(meta_loss, "meta"),
                                   alpha=ALPHA, base_module=base, meta_module=dwnet, base_update=base_update)
         rec.update(calls=list(tally.calls), events=list(tally.events), eps=float(info.eps),
-                   skipped=bool(info.skipped), lam_grad=[q.grad.detach().clone() for q in lam],
+                   skipped=bool(info.skipped), lam_grad=values([q.grad for q in lam]),
                    shards_after=shards(params),
                    grad_same_objects=all(p.grad is g0 for p, g0 in zip(params, grads_before)),
                    grad_same_bits=all(same_bits(a, b) for a, b in zip(shards([p.grad for p in params]), grad_bits)))
@@ -239,9 +254,13 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
         meta_opt.step()  # λ moves: the next round starts from another λ
         for q in lam:
             q.grad.mul_(0.5)
-    return {"steps": steps, "n_groups": sum(1 for m in base.modules()
-                                            if hasattr(m, "_get_fsdp_state")
-                                            and any(pg.fsdp_params for pg in m._get_fsdp_state()._fsdp_param_groups))}
+    return {"steps": steps, "n_groups": n_groups(base), "n_lam_groups": n_groups(wnet)}
+
+
+def n_groups(module) -> int:
+    """FSDP parameter groups that hold parameters (one reduce-scatter each per backward)."""
+    return sum(1 for m in module.modules() if hasattr(m, "_get_fsdp_state")
+               and any(pg.fsdp_params for pg in m._get_fsdp_state()._fsdp_param_groups))
 
 
 def bad_inputs(rank: int) -> dict:
@@ -301,16 +320,37 @@ def bad_inputs(rank: int) -> dict:
     call("ddp_no_sync", ddp_no_sync)
     call("neumann", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base,
                                                meta_module=dwnet, method="neumann"))
+    # an FSDP λ: only part of its parameters; its gradient sync off; with 16-bit θ
+    _, fwnet, _, _, _ = setup("root", "sgd", lam_fsdp=True)
+    flam = list(fwnet.parameters())
+    call("fsdp_lambda_subset", lambda: sama_ext.meta_step(params, opt, flam[:2], base_loss, meta_loss,
+                                                          base_module=base, meta_module=fwnet))
+
+    def fsdp_lambda_no_sync():
+        fwnet.set_requires_gradient_sync(False)
+        try:
+            sama_ext.meta_step(params, opt, flam, base_loss, meta_loss, base_module=base, meta_module=fwnet)
+        finally:
+            fwnet.set_requires_gradient_sync(True)
+
+    call("fsdp_lambda_no_sync", fsdp_lambda_no_sync)
+    b16, _, _, o16, _ = setup("root", "adam", dtype=torch.bfloat16)
+    x16 = x.to(torch.bfloat16)
+    F.cross_entropy(b16(x16), y).backward()
+    o16.step()
+    call("fsdp_lambda_16bit", lambda: sama_ext.meta_step(list(b16.parameters()), o16, flam, base_loss, meta_loss,
+                                                         base_module=b16, meta_module=fwnet))
     # after all of these, a correct call works on every rank
     call("ok", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base,
                                           meta_module=dwnet))
     return out
 
 
-def failing_pass_3(rank: int) -> dict:
+def failing_pass_3(rank: int, lam_fsdp: bool = False) -> dict:
     """Pass 3 fails on every rank (the frozen() check right after it, or its forward): nothing
-    changes, FSDP's state is usable, and the next meta step agrees with a fresh run's."""
-    base, wnet, dwnet, opt, _ = setup("layers", "adam")
+    changes, FSDP's state is usable, and the next meta step agrees on every rank. With an FSDP λ
+    the frozen() check fails after λ's reduce-scatter has written λ.grad."""
+    base, wnet, dwnet, opt, _ = setup("layers", "adam", lam_fsdp=lam_fsdp)
     params, lam = list(base.parameters()), list(wnet.parameters())
     out = {}
     for k, how in enumerate(("forward", "frozen")):
@@ -333,7 +373,7 @@ def failing_pass_3(rank: int) -> dict:
         for q in lam:
             q.grad = torch.full_like(q, 0.25)
         before = (shards(params), [p.grad for p in params], shards([p.grad for p in params]),
-                  [q.grad.clone() for q in lam], [q.grad for q in lam])
+                  shards([q.grad for q in lam]), [q.grad for q in lam])
         try:
             sama_ext.meta_step(params, opt, lam, failing, meta_loss, alpha=ALPHA, base_module=base,
                                meta_module=dwnet)
@@ -345,7 +385,8 @@ def failing_pass_3(rank: int) -> dict:
                     "theta": all(same_bits(a, b) for a, b in zip(shards(params), before[0])),
                     "theta_grad": all(p.grad is g0 for p, g0 in zip(params, before[1]))
                     and all(same_bits(a, b) for a, b in zip(shards([p.grad for p in params]), before[2])),
-                    "lam_grad": all(q.grad is g0 and same_bits(q.grad, b) for q, g0, b in zip(lam, before[4], before[3]))}
+                    "lam_grad": all(q.grad is g0 for q, g0 in zip(lam, before[4]))
+                    and all(same_bits(a, b) for a, b in zip(shards([q.grad for q in lam]), before[3]))}
     # the model still works: a meta step after the failures succeeds and gives the same λ.grad on all ranks
     for q in lam:
         q.grad = None
@@ -353,7 +394,8 @@ def failing_pass_3(rank: int) -> dict:
     base_step(base, wnet, opt, x, y)
     base_loss, meta_loss = losses(base, dwnet, x, y, *batch(rank, 10_050, n=8))
     info = sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, alpha=ALPHA, base_module=base, meta_module=dwnet)
-    out["after"] = {"skipped": bool(info.skipped), "lam_grad": [q.grad.clone() for q in lam]}
+    out["after"] = {"skipped": bool(info.skipped),
+                    "lam_grad": full([q.grad for q in lam]) if lam_fsdp else [q.grad.clone() for q in lam]}
     return out
 
 
@@ -367,6 +409,7 @@ def check_mode(args) -> None:
     out["descend"] = run_config(args.rank, "layers", "adam", True, {}, TALLY, base_update="descend")
     out["bad"] = bad_inputs(args.rank)
     out["fail3"] = failing_pass_3(args.rank)
+    out["fail3-fsdp-lambda"] = failing_pass_3(args.rank, lam_fsdp=True)
     torch.save(out, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 

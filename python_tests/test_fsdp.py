@@ -164,7 +164,8 @@ def test_fsdp_collectives_per_meta_step(check_run, config):
     """Counted outside sama_ext. Pass 1 (meta_loss): FSDP's all-gathers and one reduce-scatter per
     FSDP group, then the one scalar all-reduce of Σv²; the frozen() record at θ and pass 2: only
     all-gathers (plus, for bf16 θ, one all-reduce of 4 numbers after it); pass 3: all-gathers and
-    λ's all-reduce (one DDP bucket), nothing else."""
+    λ's all-reduce (one DDP bucket) — or, for an FSDP λ, its reduce-scatters and one all-reduce of
+    a finiteness flag —, nothing else. In particular passes 2 and 3 never reduce-scatter θ."""
     world, data = check_run
     for d in data:
         n_groups = d[config]["n_groups"]
@@ -182,7 +183,12 @@ def test_fsdp_collectives_per_meta_step(check_run, config):
                 by_pass[3] = by_pass[3][:-1]
             for k in (2, 3):  # no reduce-scatter, no all-reduce: θ's gradients untouched, λ local
                 assert by_pass[k] and set(by_pass[k]) == {"all_gather_single"}, by_pass[k]
-            assert by_pass[4][-1] == "all_reduce" and set(by_pass[4][:-1]) == {"all_gather_single"}
+            if "lam" in fw.CONFIGS[config][3]:  # FSDP λ: one reduce-scatter per λ group, then a finiteness flag
+                assert by_pass[4].count("reduce_scatter_single") == d[config]["n_lam_groups"] == 2
+                assert set(by_pass[4][:-1]) == {"all_gather_single", "reduce_scatter_single"}
+            else:  # DDP λ: its all-reduce (one bucket)
+                assert set(by_pass[4][:-1]) == {"all_gather_single"}
+            assert by_pass[4][-1] == "all_reduce"
             assert sum(name == "all_reduce" for _, name in rec["events"]) == 2 + sixteen
 
 
@@ -210,7 +216,10 @@ BAD = {"subset": "ValueError: sama_ext.meta_step: base_params must be exactly ba
        "partial_root": "TypeError: sama_ext.meta_step: base_module must be a DistributedDataParallel module",
        "fsdp_no_sync": "RuntimeError: sama_ext.meta_step: called with FSDP gradient sync off",
        "ddp_no_sync": "RuntimeError: sama_ext.meta_step: called inside meta_module.no_sync()",
-       "neumann": "NotImplementedError: sama_ext.meta_step: method='neumann' is single-process only"}
+       "neumann": "NotImplementedError: sama_ext.meta_step: method='neumann' is single-process only",
+       "fsdp_lambda_subset": "ValueError: sama_ext.meta_step: meta_params must be exactly meta_module's trainable",
+       "fsdp_lambda_no_sync": "RuntimeError: sama_ext.meta_step: called with FSDP gradient sync off",
+       "fsdp_lambda_16bit": "NotImplementedError: sama_ext.meta_step: 16-bit base params with an FSDP2 meta_module"}
 
 
 def test_fsdp_bad_inputs_raise_before_any_collective_and_change_nothing(check_run):
@@ -224,18 +233,20 @@ def test_fsdp_bad_inputs_raise_before_any_collective_and_change_nothing(check_ru
 
 
 def test_fsdp_failing_pass_3_leaves_everything_and_fsdp_usable(check_run):
-    """Pass 3 raises on every rank (in its forward; in the frozen() check right after it): θ's
-    shards, θ.grad and λ.grad as they were (same tensors, same bits); the next meta step succeeds
-    and agrees on every rank."""
+    """Pass 3 raises on every rank (in its forward; in the frozen() check right after it), λ a DDP
+    module and an FSDP module (whose reduce-scatter has then already written λ.grad): θ's shards,
+    θ.grad and λ.grad as they were (same tensors, same bits); the next meta step succeeds and
+    agrees on every rank."""
     world, data = check_run
     for d in data:
-        f = d["fail3"]
-        assert f["forward"]["raised"] == "injected pass-3 failure"
-        assert f["frozen"]["raised"].startswith("sama_ext.frozen: base_loss called frozen() 1 times")
-        for how in ("forward", "frozen"):
-            assert f[how]["theta"] and f[how]["theta_grad"] and f[how]["lam_grad"], f[how]
-        assert not f["after"]["skipped"]
-        assert _same(f["after"]["lam_grad"], data[0]["fail3"]["after"]["lam_grad"])
+        for case in ("fail3", "fail3-fsdp-lambda"):
+            f = d[case]
+            assert f["forward"]["raised"] == "injected pass-3 failure"
+            assert f["frozen"]["raised"].startswith("sama_ext.frozen: base_loss called frozen() 1 times")
+            for how in ("forward", "frozen"):
+                assert f[how]["theta"] and f[how]["theta_grad"] and f[how]["lam_grad"], (case, how, f[how])
+            assert not f["after"]["skipped"]
+            assert _same(f["after"]["lam_grad"], data[0][case]["after"]["lam_grad"])
 
 
 def test_fsdp_a_failing_rank_does_not_hang_the_others(tmp_path):

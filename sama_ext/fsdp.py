@@ -62,42 +62,64 @@ def _check(theta: list[Tensor], lam: list[Tensor], base_module, meta_module, gro
     """Refuse what would give a wrong meta-gradient silently, or leave ranks waiting on each other."""
     if meta_module is None:
         raise ValueError(
-            "sama_ext.meta_step: with an FSDP2 base_module, pass meta_module= (the DDP-wrapped meta module with "
-            "sama_ext.distributed.register_comm_hook): λ's meta-gradient must be averaged over ranks")
+            "sama_ext.meta_step: with an FSDP2 base_module, pass meta_module= (a DDP-wrapped meta module with "
+            "sama_ext.distributed.register_comm_hook, or an FSDP2 one): λ's meta-gradient must be averaged over ranks")
     if is_fsdp(meta_module):
-        raise NotImplementedError("sama_ext.meta_step: an FSDP2 meta_module is not supported yet; wrap λ's module in "
-                                  "DistributedDataParallel and register sama_ext.distributed.register_comm_hook")
-    ddp.check_modules(None, meta_module)
-    ddp.check_coverage(meta_module, lam)
-    if not meta_module.require_backward_grad_sync:
-        raise RuntimeError("sama_ext.meta_step: called inside meta_module.no_sync(); pass 3 must all-reduce λ's "
-                           "meta-gradient (call meta_step outside no_sync)")
+        _check_sharded(lam, meta_module, _groups(meta_module), "meta_params", "meta_module")
+        if any(p.dtype in precision.STOCHASTIC_DTYPES for p in theta):
+            # its pass 2 is seeded with 1/(2ε) before the realized ε of 16-bit θ± is known
+            raise NotImplementedError("sama_ext.meta_step: 16-bit base params with an FSDP2 meta_module are not "
+                                      "supported; use a DDP meta module (register_comm_hook) or float32 θ")
+    else:
+        ddp.check_modules(None, meta_module)
+        ddp.check_coverage(meta_module, lam)
+        if not meta_module.require_backward_grad_sync:
+            raise RuntimeError("sama_ext.meta_step: called inside meta_module.no_sync(); pass 3 must all-reduce λ's "
+                               "meta-gradient (call meta_step outside no_sync)")
+    _check_sharded(theta, base_module, groups, "base_params", "base_module")
+
+
+def _check_sharded(params: list[Tensor], module, groups: list, what: str, name: str) -> None:
+    """params must be exactly the trainable parameters of the FSDP2 module `module`, all sharded."""
+    _reshard(groups)  # a module holding gathered parameters (after a forward) lists those instead (local op)
     sharded = {id(fp.sharded_param): fp for g in groups for fp in g.fsdp_params}
-    mine = [p for p in base_module.parameters() if p.requires_grad]
-    plain = [i for i, p in enumerate(theta) if id(p) not in sharded]
+    mine = [p for p in module.parameters() if p.requires_grad]
+    plain = [i for i, p in enumerate(params) if id(p) not in sharded]
     if plain:
         raise ValueError(
-            f"sama_ext.meta_step: base_params {plain[:5]} are not sharded by fully_shard under base_module (θ partly "
-            "sharded and partly replicated, or not base_module's parameters); apply fully_shard so that it covers "
-            "every trainable parameter of the model (e.g. fully_shard(model) on the root as well)")
-    if {id(p) for p in theta} != {id(p) for p in mine}:
+            f"sama_ext.meta_step: {what} {plain[:5]} are not sharded by fully_shard under {name} (partly sharded "
+            f"and partly replicated, or not {name}'s parameters); apply fully_shard so that it covers every "
+            "trainable parameter of the model (e.g. fully_shard(model) on the root as well)")
+    if {id(p) for p in params} != {id(p) for p in mine}:
         raise ValueError(
-            f"sama_ext.meta_step: base_params must be exactly base_module's trainable parameters ({len(mine)}), got "
-            f"{len(theta)}; pass 1's FSDP backward writes the gradient of all of them (freeze the others with "
+            f"sama_ext.meta_step: {what} must be exactly {name}'s trainable parameters ({len(mine)}), got "
+            f"{len(params)}; FSDP's backward writes the gradient of all of them (freeze the others with "
             "requires_grad_(False))")
-    mesh = theta[0].device_mesh
-    if mesh.ndim != 1 or any(p.device_mesh != mesh for p in theta):
-        raise NotImplementedError("sama_ext.meta_step: θ must be sharded over one 1-D device mesh (HSDP, 2-D meshes "
-                                  "and several meshes are not supported)")
-    off = [g for g in groups if not g.reduce_grads]
-    if off:
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1 or any(p.device_mesh != mesh for p in params):
+        raise NotImplementedError(f"sama_ext.meta_step: {what} must be sharded over one 1-D device mesh (HSDP, 2-D "
+                                  "meshes and several meshes are not supported)")
+    if any(not g.reduce_grads for g in groups):
         raise RuntimeError(
-            "sama_ext.meta_step: called with FSDP gradient sync off (set_requires_gradient_sync(False), FSDP2's "
-            "no_sync) on base_module; pass 1 must reduce-scatter ∂L_meta/∂θ. Turn it back on before meta_step")
-    pending = [fp for g in groups for fp in g.fsdp_params if getattr(fp, "unsharded_accumulated_grad", None) is not None]
-    if pending:
-        raise RuntimeError("sama_ext.meta_step: base_module holds gradients accumulated without sync (a backward under "
+            f"sama_ext.meta_step: called with FSDP gradient sync off (set_requires_gradient_sync(False), FSDP2's "
+            f"no_sync) on {name}; the meta step must reduce-scatter its gradients. Turn it back on before meta_step")
+    if any(_pending(fp) for g in groups for fp in g.fsdp_params):
+        raise RuntimeError(f"sama_ext.meta_step: {name} holds gradients accumulated without sync (a backward under "
                            "set_requires_gradient_sync(False)); finish that accumulation before meta_step")
+
+
+def _pending(fp) -> bool:
+    """An FSDP parameter holds an unsharded gradient not yet reduce-scattered."""
+    unsharded = getattr(fp, "_unsharded_param", None)
+    return fp.unsharded_accumulated_grad is not None or (unsharded is not None and unsharded.grad is not None)
+
+
+def _drop_unsharded_grads(groups: list) -> None:
+    for g in groups:
+        for fp in g.fsdp_params:
+            fp.unsharded_accumulated_grad = None
+            if getattr(fp, "_unsharded_param", None) is not None:
+                fp._unsharded_param.grad = None
 
 
 def _reshard(groups: list) -> None:
@@ -147,6 +169,88 @@ def _local(x):
     return x.to_local() if DTensor is not None and isinstance(x, DTensor) else x
 
 
+class _ReplicatedMeta:
+    """λ a DDP module with SAMA's hook: passes 1-2 under no_sync (λ's direct gradient set aside,
+    g⁺ by autograd.grad), pass 3 through the hook (sama_ext.distributed)."""
+
+    def __init__(self, module, lam):
+        self.module, self.lam = module, lam
+
+    def quiet(self):  # a pass that must not communicate λ's gradients
+        return self.module.no_sync()
+
+    def pass_2(self, base_loss, scale) -> None:
+        with self.module.no_sync():
+            self.g_plus = _lam_grads(base_loss, self.lam)
+
+    @contextmanager
+    def pass_3(self, base_loss, scale, eps_r, direct):
+        with ddp.communicating_pass(None, self.module, self.g_plus, self.lam, eps_r, direct) as out:
+            with torch.enable_grad():
+                scalar_loss(base_loss(), "base_loss").backward(inputs=self.lam)
+            yield
+        self.finite = out.finite
+
+    def close(self) -> None:
+        self.g_plus = None
+
+
+class _ShardedMeta:
+    """λ sharded by FSDP2 as well (a large λ, e.g. a label corrector): autograd cannot differentiate
+    w.r.t. its sharded parameters, so each rank accumulates λ's unsharded gradient over the three
+    passes without sync — direct ∂L_meta/∂λ, then −g⁺/(2ε) and +g⁻/(2ε) (backward seeds scaled) —
+    and FSDP reduce-scatters the sum once, at the end of pass 3, into λ.grad (averaged over ranks,
+    added to its old value). λ.grad is put back if pass 3 fails or the result is not finite anywhere
+    (one all-reduce of a flag)."""
+
+    def __init__(self, module, lam):
+        self.module, self.lam, self.groups = module, lam, _groups(module)
+
+    def quiet(self):
+        return _no_grad_sync(self.groups)
+
+    def _backward(self, loss, seed) -> None:
+        inputs = [fp._unsharded_param for g in self.groups for fp in g.fsdp_params
+                  if fp.sharded_param.requires_grad and getattr(fp, "_unsharded_param", None) is not None]
+        if not inputs:
+            raise ValueError("sama_ext.meta_step: base_loss() does not run the FSDP meta module, so the "
+                             "meta-gradient would be 0")
+        (loss * seed).backward(inputs=inputs)
+
+    def pass_2(self, base_loss, scale) -> None:
+        with torch.enable_grad(), self.quiet():
+            self._backward(scalar_loss(base_loss(), "base_loss"), -scale)
+
+    @contextmanager
+    def pass_3(self, base_loss, scale, eps_r, direct):
+        old = [q.grad for q in self.lam]
+        with torch.no_grad():
+            saved = [None if g is None else g.to_local().clone() for g in old]
+        try:
+            with torch.enable_grad():
+                self._backward(scalar_loss(base_loss(), "base_loss"), scale)
+            yield
+            with torch.no_grad():
+                bad = sum((~torch.isfinite(q.grad.to_local())).sum().double() for q in self.lam if q.grad is not None)
+                bad = torch.as_tensor(bad, dtype=torch.float64, device=self.groups[0].device)
+                dist.all_reduce(bad, group=self.lam[0].device_mesh.get_group())
+                self.finite = (bad == 0).to(scale.device)
+                for q, s in zip(self.lam, saved):  # not finite on some rank: old values back (zeros where None)
+                    if q.grad is not None:
+                        t = q.grad.to_local()
+                        t.copy_(torch.where(self.finite.to(t.device), t, s if s is not None else torch.zeros_like(t)))
+        except BaseException:
+            with torch.no_grad():
+                for q, g, s in zip(self.lam, old, saved):
+                    if g is not None:
+                        g.to_local().copy_(s)
+                    q.grad = g
+            raise
+
+    def close(self) -> None:
+        _drop_unsharded_grads(self.groups)  # whatever an aborted pass left unreduced
+
+
 def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor], base_loss: Callable[[], Tensor],
               meta_loss: Callable[[], Tensor], *, alpha: float, method: str, last_grads, stepped: list[int],
               base_update: str, base_module, meta_module, safeguard: str, frozen_at: str,
@@ -156,6 +260,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
 
     groups = _groups(base_module)
     _check(theta, lam, base_module, meta_module, groups)
+    meta = (_ShardedMeta if is_fsdp(meta_module) else _ReplicatedMeta)(meta_module, lam)
     group = theta[0].device_mesh.get_group()
     with torch.no_grad():
         local = [p.to_local() for p in theta]  # the shards themselves (to_local without grad: no copy)
@@ -173,7 +278,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                 stack.enter_context(buffers.watch())
             _reshard(groups)
             # 1. d = rank average of ∂L_meta/∂θ, sharded, through FSDP's own backward
-            lm, d, direct = _pass_1(meta_loss, theta, lam, local, meta_module)
+            lm, d, direct = _pass_1(meta_loss, theta, lam, local, meta)
             _reshard(groups)
 
             # 2-3. v (in place in d) on the local shards, ‖v‖² summed over ranks, ε
@@ -199,6 +304,9 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
             ok = torch.isfinite(norm) & (norm > 0)
             eps = torch.where(ok, alpha / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
 
+            def half_inv(e):  # 1/(2ε), 0 for a skipped step (ε = 0): the seed of an FSDP λ's passes 2-3
+                return torch.where(e > 0, 0.5 / torch.where(e > 0, e, torch.ones_like(e)), torch.zeros_like(e))
+
             # 4-5. central difference on the global θ ± εv
             backup = [torch.empty_like(t) for t in local]
             measure = any(t.dtype in precision.STOCHASTIC_DTYPES for t in local)
@@ -206,7 +314,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
             no_sync = stack.enter_context(_no_grad_sync(groups))  # noqa: F841 (passes 2-3: θ's grads never synced)
             with recording() as rec:
                 if frozen_at == "theta":
-                    with torch.no_grad(), meta_module.no_sync():
+                    with torch.no_grad(), meta.quiet():
                         base_loss()
                     rec.replay()
                     _set_rng_states(rng)
@@ -216,8 +324,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                     saved = True
                 if measure:
                     dot_p, moved_p = precision.moved(local, backup, v)
-                with meta_module.no_sync():
-                    g_plus = _lam_grads(base_loss, lam)
+                meta.pass_2(base_loss, half_inv(eps))
                 _reshard(groups)
                 rec.replay()
                 _set_rng_states(rng)
@@ -231,14 +338,12 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                     moved_p = sums[2].long()
                 else:
                     eps_r, lost, moved_p = eps, torch.zeros_like(ok), None
-                with ddp.communicating_pass(None, meta_module, g_plus, lam, eps_r, direct) as pass3:
-                    with torch.enable_grad():
-                        scalar_loss(base_loss(), "base_loss").backward(inputs=lam)
+                with meta.pass_3(base_loss, half_inv(eps_r), eps_r, direct):
                     rec.check_consumed()
                 _reshard(groups)
                 rec.check_consumed()
 
-        valid = pass3.finite & ~lost
+        valid = meta.finite & ~lost
         eps_used = torch.where(valid, eps, torch.zeros_like(eps))
         with signals_deferred():
             _finish_theta(local, backup, v, eps_used, base_update)
@@ -253,8 +358,11 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
             reset_recorder(recorder)
             if buffers is not None:
                 buffers.close()
+            meta.close()
             if not done:
                 _recover(base_module, groups)
+                if is_fsdp(meta_module):
+                    _recover(meta_module, meta.groups)
                 if saved:
                     with torch.no_grad():
                         torch._foreach_copy_(local, backup)
@@ -262,7 +370,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                     buffers.restore()
 
 
-def _pass_1(meta_loss, theta, lam, local, meta_module):
+def _pass_1(meta_loss, theta, lam, local, meta):
     """L_meta and its FSDP backward. θ.grad and λ.grad are set aside for it and put back (the same
     tensors): the consumed gradient is still needed, and λ.grad changes only with pass 3."""
     held_t, held_l = [p.grad for p in theta], [q.grad for q in lam]
@@ -271,7 +379,7 @@ def _pass_1(meta_loss, theta, lam, local, meta_module):
     for q in lam:
         q.grad = None
     try:
-        with torch.enable_grad(), meta_module.no_sync():
+        with torch.enable_grad(), meta.quiet():
             lm = scalar_loss(meta_loss(), "meta_loss")
             lm.backward()
         with torch.no_grad():

@@ -128,12 +128,14 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         from . import distributed as ddp
         from . import fsdp
 
-        sharded = fsdp.is_fsdp(base_module)  # θ sharded by FSDP2: its own engine (sama_ext/fsdp.py)
-        ddp.check_modules(None if sharded else base_module, meta_module)
+        sharded = fsdp.is_fsdp(base_module)  # θ sharded by FSDP2: its own engine and checks (sama_ext/fsdp.py)
+        if not sharded:
+            ddp.check_modules(base_module, meta_module)
     theta = _trainable(base_params, "base_params")
     lam = _trainable(meta_params, "meta_params")
     if meta_module is not None:
-        ddp.check_coverage(meta_module, lam)
+        if not sharded:
+            ddp.check_coverage(meta_module, lam)
         if method not in ("sama", "sama_na"):
             raise NotImplementedError(f"sama_ext.meta_step: method={method!r} is single-process only")
     if {id(p) for p in theta} & {id(q) for q in lam}:
