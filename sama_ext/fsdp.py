@@ -1,5 +1,5 @@
 """SAMA with θ sharded by PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`), λ a DDP module
-with SAMA's comm hook (docs/distributed.md, "FSDP2").
+with SAMA's comm hook or an FSDP2 module too (docs/distributed.md, "FSDP2").
 
 θ's parameters are DTensors; each rank owns one shard of each, and of its optimiser state. Every
 element-wise piece of SAMA (the adaptation diagonal, θ ± εv, the restore) therefore runs unchanged
@@ -11,8 +11,9 @@ on the local shards, and the sharded model is one global θ:
     2. v = diag ⊙ d on the local shards, Σv² all-reduced (one float64 scalar), ε = α/‖v‖.
     3. θ ± εv written into the local shards: the next all-gather gives every rank θ±.
     4. g⁺ by autograd.grad w.r.t. λ only; g⁻ by backward(inputs=λ) through the DDP meta module,
-       whose hook averages prior + direct + (g⁻ − g⁺)/(2ε) (sama_ext.distributed). FSDP's gradient
-       sync is off in these passes, so θ's gradients are never reduce-scattered or accumulated.
+       whose hook averages prior + direct + (g⁻ − g⁺)/(2ε) (sama_ext.distributed); for an FSDP λ,
+       see _ShardedMeta. θ's FSDP gradient sync is off in these passes, so θ's gradients are never
+       reduce-scattered or accumulated.
     5. θ's local shards restored bit for bit (or θ − εv: the same global θ on every rank).
 
 Every forward of an FSDP module may leave parameters unsharded (the root keeps them after
