@@ -399,6 +399,33 @@ def failing_pass_3(rank: int, lam_fsdp: bool = False) -> dict:
     return out
 
 
+def nonfinite_on_one_rank(rank: int, lam_fsdp: bool) -> dict:
+    """Rank 1's L_base is infinite at θ+εv: every rank must report a skipped step, keep λ.grad's
+    values and θ's shards (the DDP all-reduce, or the FSDP λ's finiteness flag, spreads it)."""
+    base, wnet, dwnet, opt, _ = setup("layers", "adam", lam_fsdp=lam_fsdp)
+    params, lam = list(base.parameters()), list(wnet.parameters())
+    x, y = batch(rank, 60)
+    base_step(base, wnet, opt, x, y)
+    base_loss, meta_loss = losses(base, dwnet, x, y, *batch(rank, 10_060, n=8))
+    g = torch.Generator().manual_seed(5)
+    if lam_fsdp:
+        (1e-2 * wnet(torch.randn(7, generator=g, dtype=DTYPE).abs()).sum()).backward()
+    else:
+        for q in lam:
+            q.grad = torch.randn(q.shape, generator=g, dtype=DTYPE)
+    calls = [0]
+
+    def blows_up():
+        calls[0] += 1
+        loss = base_loss()
+        return loss * float("inf") if rank == 1 and calls[0] == 2 else loss
+
+    before, grads = shards(params), shards([q.grad for q in lam])
+    info = sama_ext.meta_step(params, opt, lam, blows_up, meta_loss, alpha=ALPHA, base_module=base, meta_module=dwnet)
+    return {"skipped": bool(info.skipped), "theta": all(same_bits(a, b) for a, b in zip(shards(params), before)),
+            "lam_grad": all(same_bits(a, b) for a, b in zip(shards([q.grad for q in lam]), grads))}
+
+
 TALLY: Tally | None = None
 
 
@@ -410,6 +437,7 @@ def check_mode(args) -> None:
     out["bad"] = bad_inputs(args.rank)
     out["fail3"] = failing_pass_3(args.rank)
     out["fail3-fsdp-lambda"] = failing_pass_3(args.rank, lam_fsdp=True)
+    out["nonfinite"] = {kind: nonfinite_on_one_rank(args.rank, kind == "fsdp") for kind in ("ddp", "fsdp")}
     torch.save(out, os.path.join(args.out, f"rank{args.rank}.pt"))
 
 

@@ -249,6 +249,16 @@ def test_fsdp_failing_pass_3_leaves_everything_and_fsdp_usable(check_run):
             assert _same(f["after"]["lam_grad"], data[0][case]["after"]["lam_grad"])
 
 
+def test_fsdp_nonfinite_on_one_rank_skips_the_step_on_all(check_run):
+    """Rank 1's L_base is infinite at θ+εv, λ a DDP and an FSDP module: every rank reports a
+    skipped step and keeps λ.grad's bits and θ's shards."""
+    world, data = check_run
+    for d in data:
+        for kind in ("ddp", "fsdp"):
+            f = d["nonfinite"][kind]
+            assert f["skipped"] and f["theta"] and f["lam_grad"], (kind, f)
+
+
 def test_fsdp_a_failing_rank_does_not_hang_the_others(tmp_path):
     res = _run(tmp_path, 2, mode="fail", fail_rank=1, timeout=180)
     assert res[1].returncode != 0 and "injected failure on rank 1" in res[1].stderr
