@@ -34,7 +34,7 @@ from . import ops, precision
 from .adaptation import adapt_sumsq
 from .frozen_inputs import current_recorder, recording, reset_recorder
 from .state_guard import BufferGuard, signals_deferred
-from .step_common import MetaStepInfo, scalar_loss
+from .step_common import MetaStepInfo, finish_theta, rng_states, scalar_loss, set_rng_states
 
 try:  # FSDP2 and DTensor (absent from builds without torch.distributed)
     from torch.distributed.fsdp import FSDPModule
@@ -257,8 +257,6 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
               base_update: str, base_module, meta_module, safeguard: str, frozen_at: str,
               restore_buffers: bool) -> MetaStepInfo:
     """sama_step.meta_step for an FSDP2 base module (inputs already validated there)."""
-    from .sama_step import _finish_theta, _rng_states, _set_rng_states  # one definition each (shared with it)
-
     groups = _groups(base_module)
     _check(theta, lam, base_module, meta_module, groups)
     meta = (_ShardedMeta if is_fsdp(meta_module) else _ReplicatedMeta)(meta_module, lam)
@@ -311,14 +309,14 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
             # 4-5. central difference on the global θ ± εv
             backup = [torch.empty_like(t) for t in local]
             measure = any(t.dtype in precision.STOCHASTIC_DTYPES for t in local)
-            rng = _rng_states({dev, *(q.device for q in lam)})
+            rng = rng_states({dev, *(q.device for q in lam)})
             no_sync = stack.enter_context(_no_grad_sync(groups))  # noqa: F841 (passes 2-3: θ's grads never synced)
             with recording() as rec:
                 if frozen_at == "theta":
                     with torch.no_grad(), meta.quiet():
                         base_loss()
                     rec.replay()
-                    _set_rng_states(rng)
+                    set_rng_states(rng)
                     _reshard(groups)
                 with signals_deferred():
                     precision.perturb_save_(local, v, backup, eps)
@@ -328,7 +326,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                 meta.pass_2(base_loss, half_inv(eps))
                 _reshard(groups)
                 rec.replay()
-                _set_rng_states(rng)
+                set_rng_states(rng)
                 precision.perturb_from_(local, backup, v, -eps)
                 if measure:  # what rounding left of ±εv, summed over the shards (one more small all-reduce)
                     dot_m, moved_m = precision.moved(local, backup, v)
@@ -347,7 +345,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
         valid = meta.finite & ~lost
         eps_used = torch.where(valid, eps, torch.zeros_like(eps))
         with signals_deferred():
-            _finish_theta(local, backup, v, eps_used, base_update)
+            finish_theta(local, backup, v, eps_used, base_update)
             if buffers is not None:
                 buffers.restore()
             done = True

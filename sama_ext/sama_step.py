@@ -25,6 +25,7 @@ from . import ops, precision, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
 from .frozen_inputs import current_recorder, recording, reset_recorder
 from .step_common import MetaStepInfo, accumulate, scalar_loss
+from .step_common import finish_theta as _finish_theta, rng_states as _rng_states, set_rng_states as _set_rng_states
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
@@ -60,18 +61,6 @@ def _in_layout_of(g: Tensor, like: Tensor) -> Tensor:
     if g.stride() == like.stride() and g.dtype == like.dtype:  # same sizes and strides: same layout
         return g
     return torch.empty_like(like).copy_(g)
-
-
-def _rng_states(devices) -> tuple:
-    cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(states) -> None:
-    cpu, cuda = states
-    torch.set_rng_state(cpu)
-    for d, s in cuda.items():
-        torch.cuda.set_rng_state(s, d)
 
 
 def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimizer, meta_params: Sequence[Tensor],
@@ -321,22 +310,6 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 interrupted.append(e)
         if interrupted:
             raise interrupted[0]
-
-
-def _finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:
-    """θ back to the backup ("restore"), or θ − εv with one rounding from it ("descend"; eps = 0
-    for a step that turned out invalid leaves θ as it was). 16-bit θ⁻ was rounded stochastically:
-    it is kept where valid (recomputing it would draw new roundings), the backup taken otherwise."""
-    with torch.no_grad():
-        if base_update == "restore":
-            torch._foreach_copy_(theta, backup)
-            return
-        plain = [i for i, p in enumerate(theta) if p.dtype not in precision.STOCHASTIC_DTYPES]
-        if plain:
-            ops.perturb_from_([theta[i] for i in plain], [backup[i] for i in plain], [v[i] for i in plain], -eps)
-        for i, p in enumerate(theta):
-            if p.dtype in precision.STOCHASTIC_DTYPES:
-                p.copy_(torch.where(eps != 0, p, backup[i]))
 
 
 def _all_finite(tensors, device) -> Tensor:
