@@ -42,9 +42,12 @@ CONFIGS = {"layers-adamw": ("layers", "adamw", True, {}), "root-adam": ("root", 
            "cpu-offload": ("layers", "adam", True, {"offload_policy": "cpu"}),
            "bf16-params": ("layers", "adamw", True, {"dtype": torch.bfloat16}),
            "fsdp-lambda": ("layers", "adam", True, {"lam": "fsdp"}),
-           "fsdp-lambda-root": ("root", "sgd", False, {"lam": "fsdp"})}
+           "fsdp-lambda-root": ("root", "sgd", False, {"lam": "fsdp"}),
+           "sama-na": ("root", "adam", True, {"method": "sama_na"}),
+           "theta-plus": ("layers", "adam", False, {"frozen_at": "theta_plus"})}
+STEP_OPTIONS = ("method", "frozen_at")  # meta_step's, not fully_shard's
 EXACT = ("layers-adamw", "root-adam", "layers-sgd", "root-sgd", "keep-unsharded", "cpu-offload", "fsdp-lambda",
-         "fsdp-lambda-root")
+         "fsdp-lambda-root", "sama-na", "theta-plus")
 
 
 def shard_options(opts: dict) -> dict:
@@ -219,6 +222,7 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
     opts = dict(opts)
     dtype = opts.pop("dtype", DTYPE)
     lam_fsdp = opts.pop("lam", None) == "fsdp"
+    step_kw = {k: opts.pop(k) for k in STEP_OPTIONS if k in opts}
     base, wnet, dwnet, opt, meta_opt = setup(layout, opt_name, dtype=dtype, lam_fsdp=lam_fsdp, **shard_options(opts))
     params, lam = list(base.parameters()), list(wnet.parameters())
     g = torch.Generator().manual_seed(77)
@@ -243,7 +247,8 @@ def run_config(rank: int, layout: str, opt_name: str, through: bool, opts: dict,
         base_loss, meta_loss = losses(base, dwnet, x, y, xm, ym, through)
         tally.start()
         info = sama_ext.meta_step(params, opt, lam, tally.wrap(base_loss, "base"), tally.wrap(meta_loss, "meta"),
-                                  alpha=ALPHA, base_module=base, meta_module=dwnet, base_update=base_update)
+                                  alpha=ALPHA, base_module=base, meta_module=dwnet, base_update=base_update,
+                                  **step_kw)
         rec.update(calls=list(tally.calls), events=list(tally.events), eps=float(info.eps),
                    skipped=bool(info.skipped), lam_grad=values([q.grad for q in lam]),
                    shards_after=shards(params),

@@ -58,7 +58,7 @@ def _up(x):
     return x
 
 
-def _oracle(recs, opt_name, through):
+def _oracle(recs, opt_name, through, method="sama", frozen_at="theta"):
     """(expected λ.grad, v, ε) for one meta step, from every rank's record."""
     th, lam = recs[0]["theta"], recs[0]["lam"]
 
@@ -66,7 +66,8 @@ def _oracle(recs, opt_name, through):
         return sum(F.cross_entropy(fw.base_forward(th, r["xm"]), r["ym"])
                    + 0.05 * fw.weight_net(lam, r["xm"][:, 0].abs()).mean() for r in recs) / len(recs)
 
-    per = [F.cross_entropy(fw.base_forward(th, r["x"]), r["y"], reduction="none") for r in recs]  # frozen, at θ
+    def frozen_at_(th):  # each rank's per-sample loss, held fixed (frozen()) in every evaluation
+        return [F.cross_entropy(fw.base_forward(th, r["x"]), r["y"], reduction="none").detach() for r in recs]
 
     def base_avg(th, lam):
         total = 0
@@ -78,8 +79,9 @@ def _oracle(recs, opt_name, through):
         return total / len(recs)
 
     d, direct = torch.func.grad(meta_avg, argnums=(0, 1))(th, lam)
-    v = [a * b for a, b in zip(_diagonal(recs[0], opt_name), d)]
+    v = d if method == "sama_na" else [a * b for a, b in zip(_diagonal(recs[0], opt_name), d)]
     eps = fw.ALPHA / torch.sqrt(sum((t * t).sum() for t in v))
+    per = frozen_at_(th if frozen_at == "theta" else [t + eps * w for t, w in zip(th, v)])
     g_lam = torch.func.grad(base_avg, argnums=1)
     g_p = g_lam([t + eps * w for t, w in zip(th, v)], lam)
     g_m = g_lam([t - eps * w for t, w in zip(th, v)], lam)
@@ -102,7 +104,8 @@ def test_fsdp_meta_gradient_equals_float64_sama_on_rank_averaged_losses(check_ru
     the step's contribution, bit-identical on every rank; θ's shards bit-identical after the call
     (restore), θ.grad the same tensors with the same bits."""
     world, data = check_run
-    _, opt_name, through, _ = fw.CONFIGS[config]
+    _, opt_name, through, opts = fw.CONFIGS[config]
+    step_kw = {k: opts[k] for k in fw.STEP_OPTIONS if k in opts}
     worst = 0.0
     for step in range(fw.STEPS):
         recs = [d[config]["steps"][step] for d in data]
@@ -110,7 +113,7 @@ def test_fsdp_meta_gradient_equals_float64_sama_on_rank_averaged_losses(check_ru
             for key in ("theta", "lam", "prior"):
                 assert _same(r[key], recs[0][key]), key
         assert sum(r["shard_shapes"][0][0] for r in recs) == 16  # θ really is split over the ranks
-        want, _, eps = _oracle(recs, opt_name, through)
+        want, _, eps = _oracle(recs, opt_name, through, **step_kw)
         for r in recs:
             assert not r["skipped"] and r["eps"] == pytest.approx(eps, rel=1e-9)
             for i, (got, w, prior) in enumerate(zip(r["lam_grad"], want, r["prior"])):
@@ -167,28 +170,31 @@ def test_fsdp_collectives_per_meta_step(check_run, config):
     λ's all-reduce (one DDP bucket) — or, for an FSDP λ, its reduce-scatters and one all-reduce of
     a finiteness flag —, nothing else. In particular passes 2 and 3 never reduce-scatter θ."""
     world, data = check_run
+    opts = fw.CONFIGS[config][3]
+    record = opts.get("frozen_at", "theta") == "theta"  # theta_plus: no record evaluation
+    p2, p3 = (3, 4) if record else (2, 3)
     for d in data:
         n_groups = d[config]["n_groups"]
         assert n_groups == (3 if fw.CONFIGS[config][0] == "layers" else 1)
         for rec in d[config]["steps"]:
-            assert rec["calls"] == ["meta", "base", "base", "base"]
-            by_pass = {k: [name for tag, name in rec["events"] if tag == k] for k in range(5)}
+            assert rec["calls"] == ["meta"] + ["base"] * p2
+            by_pass = {k: [name for tag, name in rec["events"] if tag == k] for k in range(p3 + 1)}
             assert by_pass[0] == []
             p1 = by_pass[1]
             assert p1.count("reduce_scatter_single") == n_groups and p1[-1] == "all_reduce"
             assert set(p1[:-1]) == {"all_gather_single", "reduce_scatter_single"}
-            sixteen = "dtype" in fw.CONFIGS[config][3]
+            sixteen = "dtype" in opts
             if sixteen:  # bf16 θ: what rounding left of ±εv, summed over shards (4 numbers), before pass 3
-                assert by_pass[3][-1] == "all_reduce"
-                by_pass[3] = by_pass[3][:-1]
-            for k in (2, 3):  # no reduce-scatter, no all-reduce: θ's gradients untouched, λ local
+                assert by_pass[p2][-1] == "all_reduce"
+                by_pass[p2] = by_pass[p2][:-1]
+            for k in range(2, p2 + 1):  # record, pass 2: no reduce-scatter, no all-reduce
                 assert by_pass[k] and set(by_pass[k]) == {"all_gather_single"}, by_pass[k]
-            if "lam" in fw.CONFIGS[config][3]:  # FSDP λ: one reduce-scatter per λ group, then a finiteness flag
-                assert by_pass[4].count("reduce_scatter_single") == d[config]["n_lam_groups"] == 2
-                assert set(by_pass[4][:-1]) == {"all_gather_single", "reduce_scatter_single"}
+            if "lam" in opts:  # FSDP λ: one reduce-scatter per λ group, then a finiteness flag
+                assert by_pass[p3].count("reduce_scatter_single") == d[config]["n_lam_groups"] == 2
+                assert set(by_pass[p3][:-1]) == {"all_gather_single", "reduce_scatter_single"}
             else:  # DDP λ: its all-reduce (one bucket)
-                assert set(by_pass[4][:-1]) == {"all_gather_single"}
-            assert by_pass[4][-1] == "all_reduce"
+                assert set(by_pass[p3][:-1]) == {"all_gather_single"}
+            assert by_pass[p3][-1] == "all_reduce"
             assert sum(name == "all_reduce" for _, name in rec["events"]) == 2 + sixteen
 
 
