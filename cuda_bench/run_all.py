@@ -6,7 +6,7 @@
 Each suite is a module with `main(argv)` (returning its results, or an exit code) that accepts
 the common flags (--quick, --device, --out); flags after `--` go to every selected suite, so pair
 them with --only (e.g. `run_all.py --only kernels -- --sizes bert:32M`). Suites: `kernels`
-(bench_kernels.py), `meta_step` (bench_meta_step.py), `ddp` (bench_ddp.py), `guard` (bench_guard.py:
+(bench_kernels.py), `meta_step` (bench_meta_step.py), `ddp` (bench_ddp.py), `fsdp` (bench_fsdp.py), `guard` (bench_guard.py:
 the few ratios that must hold anywhere, e.g. fused Adam adapt ≥ 3× eager; it fails the run on a
 gross regression — the other suites only record).
 """
@@ -29,6 +29,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "kernels": ("cuda_bench.bench_kernels", "fused kernels vs eager / foreach / torch.compile, and copy bandwidth"),
     "meta_step": ("cuda_bench.bench_meta_step", "one meta step per method vs its floor: time and peak memory"),
     "ddp": ("cuda_bench.bench_ddp", "when each bucket's all-reduce starts in the communicating pass; bytes"),
+    "fsdp": ("cuda_bench.bench_fsdp", "FSDP2: bytes per meta step vs an ordinary step, SAMA's buffers per rank"),
     "guard": ("cuda_bench.bench_guard", "gross-regression guard: fused vs eager, meta step vs floor (fails the run)"),
 }
 

@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, world: int, timeout: float = 240, **kw) -> list[subprocess.CompletedProcess]:
+def _launch(tmp_path, world: int, timeout: float = 240, worker: Path = WORKER, **kw) -> list[subprocess.CompletedProcess]:
     port = _free_port()
     extra = []
     for k, v in kw.items():
@@ -38,7 +38,7 @@ def _launch(tmp_path, world: int, timeout: float = 240, **kw) -> list[subprocess
             extra.append(f"--{k}")
         elif v is not False:
             extra += [f"--{k}", str(v)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "--rank", str(r), "--world", str(world), "--port",
+    procs = [subprocess.Popen([sys.executable, str(worker), "--rank", str(r), "--world", str(world), "--port",
                                str(port), "--out", str(tmp_path), *extra], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
     results = []

@@ -25,6 +25,7 @@ from . import ops, precision, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
 from .frozen_inputs import current_recorder, recording, reset_recorder
 from .step_common import MetaStepInfo, accumulate, scalar_loss
+from .step_common import finish_theta as _finish_theta, rng_states as _rng_states, set_rng_states as _set_rng_states
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS"]
@@ -62,18 +63,6 @@ def _in_layout_of(g: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like).copy_(g)
 
 
-def _rng_states(devices) -> tuple:
-    cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_states(states) -> None:
-    cpu, cuda = states
-    torch.set_rng_state(cpu)
-    for d, s in cuda.items():
-        torch.cuda.set_rng_state(s, d)
-
-
 def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimizer, meta_params: Sequence[Tensor],
               base_loss: Callable[[], Tensor], meta_loss: Callable[[], Tensor], *, alpha: float = 1.0,
               method: str = "sama", last_grads: Sequence[Tensor] | None = None, base_update: str = "restore",
@@ -97,7 +86,8 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     forward; biased by O(α): measured cosine 0.61 instead of 1.000 at α = 1 on a reweighting task).
     base_module / meta_module: the DDP wrappers when distributed (see sama_ext.distributed);
     the meta module needs `sama_ext.distributed.register_comm_hook` once, and meta_params must be
-    exactly its trainable parameters.
+    exactly its trainable parameters. base_module may instead be an FSDP2 (`fully_shard`) module:
+    θ sharded, see sama_ext.fsdp and docs/distributed.md.
     safeguard: Adam/AdamW, RMSprop, Adagrad — "zero_unseen" (default: the diagonal is 0 where the
     second moment is exactly 0) or "none" (the exact diagonal everywhere). Such never-seen coordinates have a
     huge exact diagonal but, as long as their input is still 0 in the base batch, no effect on the
@@ -125,12 +115,16 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
     distributed = base_module is not None or meta_module is not None
     if distributed:
         from . import distributed as ddp
+        from . import fsdp
 
-        ddp.check_modules(base_module, meta_module)
+        sharded = fsdp.is_fsdp(base_module)  # θ sharded by FSDP2: its own engine and checks (sama_ext/fsdp.py)
+        if not sharded:
+            ddp.check_modules(base_module, meta_module)
     theta = _trainable(base_params, "base_params")
     lam = _trainable(meta_params, "meta_params")
     if meta_module is not None:
-        ddp.check_coverage(meta_module, lam)
+        if not sharded:
+            ddp.check_coverage(meta_module, lam)
         if method not in ("sama", "sama_na"):
             raise NotImplementedError(f"sama_ext.meta_step: method={method!r} is single-process only")
     if {id(p) for p in theta} & {id(q) for q in lam}:
@@ -161,6 +155,12 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
         last_grads = [_in_layout_of(g, p) if isinstance(g, Tensor) and g.layout == torch.strided
                       and (g.shape, g.dtype, g.device) == (p.shape, p.dtype, p.device) else g
                       for g, p in zip(last_grads, theta)]
+
+    if distributed and sharded:
+        return fsdp.meta_step(theta, base_optimizer, lam, base_loss, meta_loss, alpha=alpha, method=method,
+                              last_grads=last_grads, stepped=stepped, base_update=base_update, base_module=base_module,
+                              meta_module=meta_module, safeguard=safeguard, frozen_at=frozen_at,
+                              restore_buffers=restore_buffers)
 
     if method in ("neumann", "cg"):
         from .baselines import implicit_meta_step
@@ -310,22 +310,6 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                 interrupted.append(e)
         if interrupted:
             raise interrupted[0]
-
-
-def _finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:
-    """θ back to the backup ("restore"), or θ − εv with one rounding from it ("descend"; eps = 0
-    for a step that turned out invalid leaves θ as it was). 16-bit θ⁻ was rounded stochastically:
-    it is kept where valid (recomputing it would draw new roundings), the backup taken otherwise."""
-    with torch.no_grad():
-        if base_update == "restore":
-            torch._foreach_copy_(theta, backup)
-            return
-        plain = [i for i, p in enumerate(theta) if p.dtype not in precision.STOCHASTIC_DTYPES]
-        if plain:
-            ops.perturb_from_([theta[i] for i in plain], [backup[i] for i in plain], [v[i] for i in plain], -eps)
-        for i, p in enumerate(theta):
-            if p.dtype in precision.STOCHASTIC_DTYPES:
-                p.copy_(torch.where(eps != 0, p, backup[i]))
 
 
 def _all_finite(tensors, device) -> Tensor:

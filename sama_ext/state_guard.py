@@ -116,7 +116,11 @@ class BufferGuard:
 
 
 def _span(t: Tensor) -> tuple[int, int, int]:
-    """(storage address, first byte, one past the last byte) that t can reach."""
+    """(storage address, first byte, one past the last byte) that t can reach (for a DTensor, such
+    as an FSDP2 parameter: this rank's shard, the memory it owns)."""
+    if hasattr(t, "to_local") and hasattr(t, "device_mesh"):
+        with torch.no_grad():
+            t = t.to_local()
     size = t.element_size()
     start = t.storage_offset() * size
     extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1

@@ -1,12 +1,16 @@
-"""What the SAMA step (sama_step.py) and the implicit baselines (baselines.py) share: the result
-type of a meta step, the check of a closure's loss, and accumulation into `.grad`."""
+"""What the SAMA step (sama_step.py), its FSDP2 engine (fsdp.py) and the implicit baselines
+(baselines.py) share: the result type of a meta step, the check of a closure's loss, accumulation
+into `.grad`, the RNG states replayed in every evaluation, and the end of the step for θ."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-__all__ = ["MetaStepInfo", "scalar_loss", "accumulate"]
+from . import ops, precision
+
+__all__ = ["MetaStepInfo", "scalar_loss", "accumulate", "rng_states", "set_rng_states", "finish_theta"]
 
 
 @dataclass
@@ -39,3 +43,31 @@ def accumulate(param: Tensor, grad: Tensor) -> None:
         param.grad = grad.detach().clone()
     else:
         param.grad.add_(grad)
+
+
+def rng_states(devices) -> tuple:
+    cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_states(states) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    for d, s in cuda.items():
+        torch.cuda.set_rng_state(s, d)
+
+
+def finish_theta(theta: list[Tensor], backup: list[Tensor], v: list[Tensor], eps: Tensor, base_update: str) -> None:
+    """θ back to the backup ("restore"), or θ − εv with one rounding from it ("descend"; eps = 0
+    for a step that turned out invalid leaves θ as it was). 16-bit θ⁻ was rounded stochastically:
+    it is kept where valid (recomputing it would draw new roundings), the backup taken otherwise."""
+    with torch.no_grad():
+        if base_update == "restore":
+            torch._foreach_copy_(theta, backup)
+            return
+        plain = [i for i, p in enumerate(theta) if p.dtype not in precision.STOCHASTIC_DTYPES]
+        if plain:
+            ops.perturb_from_([theta[i] for i in plain], [backup[i] for i in plain], [v[i] for i in plain], -eps)
+        for i, p in enumerate(theta):
+            if p.dtype in precision.STOCHASTIC_DTYPES:
+                p.copy_(torch.where(eps != 0, p, backup[i]))
