@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sysconfig
 import tempfile
 import time
@@ -218,6 +219,7 @@ def run_seed(seed: int, data: dict, args) -> dict:
     record("SAMA mixture", copy.deepcopy(model), info)
     model, info, _ = train(model, tgt, val, args, steps=args.ft_steps, lr=args.ft_lr, out_dir=tmp)
     record("SAMA + ft", model, info)
+    shutil.rmtree(tmp, ignore_errors=True)
     return res
 
 
@@ -270,12 +272,14 @@ def main(argv=None) -> int:
     ap.add_argument("--meta-every", type=int, default=4)
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="hf_mixing_results")
+    ap.add_argument("--out", default=None, help="results folder (default hf_mixing_results; a temporary one with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.ft_steps, args.width, args.layers, args.heads = 12, 6, 32, 1, 2
         args.per_domain, args.target_train, args.target_val, args.target_test = 48, 16, 16, 16
         args.eval_every, args.seq, args.meta_batch = 4, 32, 8
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="hf_mixing_quick_") if args.quick else "hf_mixing_results"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
