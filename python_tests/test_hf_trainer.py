@@ -293,3 +293,11 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="needs weighting='sample'"):
         SamaTrainer(model=gpt2(), args=targs(tmp_path, max_steps=1), train_dataset=lm_rows(6, 0),
                     meta_dataset=lm_rows(3, 1), weighting="domain").prune(0.5)
+
+
+def test_meta_every(tmp_path):
+    t = SamaTrainer(model=gpt2(), args=targs(tmp_path, max_steps=4), train_dataset=lm_rows(32, 0),
+                    meta_dataset=lm_rows(8, 1), weighting="domain", meta_every=2, meta_batch_size=4)
+    t.train()
+    assert [s for s, _ in t.domain_weight_history] == [2, 4]
+    assert len([h for h in t.state.log_history if "meta_loss" in h]) == 2   # logged at steps 2 and 4 only

@@ -411,7 +411,7 @@ class SamaTrainer(Trainer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SamaTrainer: {path} not found; resume from a checkpoint saved by SamaTrainer "
                                     "(the weight net / domain logits and the meta optimiser are saved there)")
-        state = torch.load(path, map_location=self.args.device, weights_only=False)
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
         if state["weighting"] != self.weighting:
             raise ValueError(f"SamaTrainer: the checkpoint has weighting={state['weighting']!r}, this trainer "
                              f"{self.weighting!r}")
