@@ -243,7 +243,7 @@ def plot(results, names, path):
                     label=name if k == 0 else None)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("learned mixture weight")
-    ax.set_title("SamaTrainer(weighting='domain'): weights for the target (docstrings)")
+    ax.set_title("SamaTrainer(weighting='domain'), target: docstrings", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -278,6 +278,7 @@ def main(argv=None) -> int:
         args.steps, args.ft_steps, args.width, args.layers, args.heads = 12, 6, 32, 1, 2
         args.per_domain, args.target_train, args.target_val, args.target_test = 48, 16, 16, 16
         args.eval_every, args.seq, args.meta_batch = 4, 32, 8
+    scratch = args.out is None and args.quick   # a smoke run's results go to a temporary folder, deleted after
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="hf_mixing_quick_") if args.quick else "hf_mixing_results"
     if args.threads > 0:
@@ -330,6 +331,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("  (no matplotlib: no plot)")
     print(f"total {time.perf_counter() - t0:.0f}s")
+    if scratch:
+        shutil.rmtree(out, ignore_errors=True)
     if args.quick:
         print("  (--quick is a smoke run: far too short for the losses to mean anything)")
     return 0

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
           f"({t_plain:.1f}s)")
     print(f"  SamaTrainer(weighting='sample')      : test accuracy {accuracy(sama.model, x_test, y_test):5.1f}%  "
           f"({t_sama:.1f}s)")
-    print(f"  plain Trainer on prune(keep={args.keep}) : test accuracy "
+    print(f"  plain Trainer on prune(keep={args.keep})  : test accuracy "
           f"{accuracy(retrained.model, x_test, y_test):5.1f}%  ({t_re:.1f}s; {kept_noisy:.0%} of the kept examples "
           f"mislabeled, {noisy.float().mean().item():.0%} before)")
     print(f"  learned weight (learned_weights(), mean over the training examples): correctly labeled "
