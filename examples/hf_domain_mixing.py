@@ -85,6 +85,8 @@ def collect_texts(max_bytes: int) -> dict[str, list[str]]:
             size[domain] += len(text.encode("utf-8", "replace"))
 
     for path in _stdlib_files():
+        if size["code"] >= max_bytes and size[TARGET] >= max_bytes:
+            break
         try:
             src = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -151,15 +153,18 @@ def target_loss(model, data, batch: int = 64) -> float:
 
 
 class EarlyStop(TrainerCallback):
-    """Keeps the weights with the lowest validation loss in memory; stops after `patience`
-    evaluations without improvement."""
+    """Every `every` steps: the target validation loss (target_loss, the same definition for every
+    method — not the Trainer's eval_loss, which for causal LMs divides by the unshifted label
+    count); keeps the best weights in memory and stops after `patience` checks without improvement."""
 
-    def __init__(self, model, patience: int):
-        self.model, self.patience = model, patience
+    def __init__(self, model, val, every: int, patience: int):
+        self.model, self.val, self.every, self.patience = model, val, every, patience
         self.best, self.best_step, self.state, self.bad, self.curve = math.inf, 0, None, 0, []
 
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        loss = metrics["eval_loss"]
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return control
+        loss = target_loss(self.model, self.val)   # (the next training step puts the model back in train mode)
         self.curve.append((state.global_step, loss))
         if loss < self.best:
             self.best, self.best_step, self.bad = loss, state.global_step, 0
@@ -176,11 +181,10 @@ def train(model, train_rows, val, args, *, steps, lr, out_dir, sama=None):
     targs = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(50, steps // 10), weight_decay=0.01,
-        optim="adamw_torch", eval_strategy="steps", eval_steps=args.eval_every, per_device_eval_batch_size=64,
-        save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
+        optim="adamw_torch", save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
         disable_tqdm=args.quick)
-    stop = EarlyStop(model, args.patience)
-    common = dict(model=model, args=targs, train_dataset=train_rows, eval_dataset=val, callbacks=[stop])
+    stop = EarlyStop(model, val, args.eval_every, args.patience)
+    common = dict(model=model, args=targs, train_dataset=train_rows, callbacks=[stop])
     trainer = SamaTrainer(**common, **sama) if sama is not None else Trainer(**common)
     t0 = time.perf_counter()
     trainer.train()
