@@ -249,16 +249,26 @@ def test_bf16_autocast_runs(tmp_path):
 def test_learned_weights_aligned_and_prune(tmp_path):
     """θ and the weight net held fixed (lr 0, meta lr 0): each example's learned weight must be
     the weight net's output on that example's loss, computed here independently."""
-    rows, net = cls_rows(24, 0), wnet()
+    rows, net = Recorded(cls_rows(24, 0)), wnet()
     t = SamaTrainer(model=bert(), train_dataset=rows, meta_dataset=cls_rows(8, 1), weight_net=copy.deepcopy(net),
                     meta_lr=0.0, args=targs(tmp_path, num_train_epochs=2, learning_rate=0.0))
+    rows.seen.clear()
     t.train()
+    batches = [rows.seen[k:k + BATCH] for k in range(0, len(rows.seen), BATCH)]
+    rows = rows.rows
     model = bert()
     with torch.no_grad():
         expect = net(cls_losses(model, rows).unsqueeze(1)).squeeze(1).double()
     got = t.learned_weights()
     assert got.shape == (24,) and not torch.isnan(got).any()
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
+    logs = [h for h in t.state.log_history if "weight_mean" in h]   # one log per step (logging_steps=1)
+    assert len(logs) == len(batches) == 6
+    for h, idx in zip(logs, batches):
+        w = expect[idx]
+        assert math.isclose(h["weight_mean"], w.mean().item(), rel_tol=1e-6)
+        assert math.isclose(h["weight_std"], w.std().item(), rel_tol=1e-4, abs_tol=1e-9)
+        assert (h["weight_min"], h["weight_max"]) == pytest.approx((w.min().item(), w.max().item()), rel=1e-6)
     kept = t.prune(keep=0.5)
     assert sorted(kept.indices) == sorted(torch.topk(expect, 12).indices.tolist())
     assert list(kept.indices) == sorted(kept.indices)
@@ -272,6 +282,8 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="format of train_dataset.*missing: \\['input_ids'\\]"):
         SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1), train_dataset=rows,
                     meta_dataset=[{"text": "a b c", "labels": 0}])
+    with pytest.raises(TypeError, match="meta_dataset must be map-style"):
+        SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1), train_dataset=rows, meta_dataset=iter(rows))
     with pytest.raises(ValueError, match="weighting must be"):
         SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1), train_dataset=rows, meta_dataset=rows,
                     weighting="token")

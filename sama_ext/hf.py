@@ -186,6 +186,11 @@ class SamaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # our loss is per micro-batch: the Trainer divides by the GA steps
 
         self.user_train_dataset = self.train_dataset
+        for what, data in (("train_dataset", self.train_dataset), ("meta_dataset", meta_dataset)):
+            if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+                raise TypeError(f"SamaTrainer: {what} must be map-style (len() and indexing: a list of dicts, a "
+                                f"torch Dataset, a datasets.Dataset), not {type(data).__name__}; per-example "
+                                "weights are indexed by position")
         n = len(self.user_train_dataset)
         self._check_same_format(self.user_train_dataset, meta_dataset)
         device = self.args.device
@@ -208,8 +213,10 @@ class SamaTrainer(Trainer):
         self.domain_weight_history: list[tuple[int, Tensor]] = []  # (optimiser step, softmax(logits))
         self._step_inputs: list[dict] = []   # the micro-batches of the current optimiser step
         self._in_training_step = False
-        self._log_meta: list[Tensor] = []     # per meta step: [meta loss, ε, ‖v‖, skipped] (device, no sync)
-        self._log_w: list[Tensor] = []        # weights of the training examples since the last log
+        # since the last log, on the device (no sync until log()): Σ over meta steps of [1, meta loss, ε, ‖v‖,
+        # skipped], and over the training examples' weights count, Σw, Σw², min, max
+        self._log_meta: Tensor | None = None
+        self._log_w: Tensor | None = None
         self._meta_cache = None
         self.add_callback(_MetaStepCallback(self))
 
@@ -333,7 +340,13 @@ class SamaTrainer(Trainer):
         w = w.detach().double()
         self._w_sum.index_add_(0, idx, w)
         self._w_count.index_add_(0, idx, torch.ones_like(w))
-        self._log_w.append(w)
+        stats = torch.stack([w.new_tensor(float(w.numel())), w.sum(), w.square().sum(), w.min(), w.max()])
+        if self._log_w is None:
+            self._log_w = stats
+        else:
+            old = self._log_w
+            self._log_w = torch.cat([old[:3] + stats[:3], torch.minimum(old[3:4], stats[3:4]),
+                                     torch.maximum(old[4:], stats[4:])])
 
     # ----- the meta step ------------------------------------------------------------------------
     def _after_optimizer_step(self) -> None:
@@ -366,22 +379,25 @@ class SamaTrainer(Trainer):
         info = meta_step(theta, opt, self.meta_params, base_loss, meta_loss, alpha=self.alpha, method=self.method,
                          **self.meta_step_kwargs)
         self.meta_optimizer.step()
-        self._log_meta.append(torch.stack([info.meta_loss.float(), info.eps.float(), info.v_norm.float(),
-                                           info.skipped.float()]))
+        row = torch.stack([torch.ones_like(info.eps, dtype=torch.float64)] + [
+            x.detach().double().reshape(()) for x in (info.meta_loss, info.eps, info.v_norm, info.skipped)])
+        self._log_meta = row if self._log_meta is None else self._log_meta + row
         if self.weighting == "domain":
             self.domain_weight_history.append((step, torch.softmax(self.domain_logits.detach(), 0).cpu()))
 
     # ----- logs ---------------------------------------------------------------------------------
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._log_meta:
-            m = torch.stack(self._log_meta).mean(0).tolist()
-            logs.update({"meta_loss": m[0], "meta_eps": m[1], "meta_v_norm": m[2], "meta_skipped_frac": m[3]})
-            self._log_meta = []
-        if self._log_w:
-            w = torch.cat(self._log_w)
-            logs.update({"weight_mean": w.mean().item(), "weight_std": w.std().item() if w.numel() > 1 else 0.0,
-                         "weight_min": w.min().item(), "weight_max": w.max().item()})
-            self._log_w = []
+        if self._log_meta is not None:
+            n, loss, eps, v_norm, skipped = self._log_meta.tolist()
+            logs.update({"meta_loss": loss / n, "meta_eps": eps / n, "meta_v_norm": v_norm / n,
+                         "meta_skipped_frac": skipped / n})
+            self._log_meta = None
+        if self._log_w is not None:
+            n, total, squares, lo, hi = self._log_w.tolist()
+            mean = total / n
+            var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else 0.0
+            logs.update({"weight_mean": mean, "weight_std": math.sqrt(var), "weight_min": lo, "weight_max": hi})
+            self._log_w = None
         if self.weighting == "domain" and "loss" in logs:
             for name, v in zip(self.domain_names, torch.softmax(self.domain_logits.detach(), 0).tolist()):
                 logs[f"domain_weight/{name}"] = v
