@@ -309,7 +309,9 @@ def test_errors(tmp_path):
 
 def test_meta_every(tmp_path):
     t = SamaTrainer(model=gpt2(), args=targs(tmp_path, max_steps=4), train_dataset=lm_rows(32, 0),
-                    meta_dataset=lm_rows(8, 1), weighting="domain", meta_every=2, meta_batch_size=4)
+                    meta_dataset=lm_rows(8, 1), weighting="domain", meta_every=2, meta_batch_size=4,
+                    meta_optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    assert isinstance(t.meta_optimizer, torch.optim.SGD) and t.meta_optimizer.param_groups[0]["params"] == t.meta_params
     t.train()
     assert [s for s, _ in t.domain_weight_history] == [2, 4]
     assert len([h for h in t.state.log_history if "meta_loss" in h]) == 2   # logged at steps 2 and 4 only

@@ -147,7 +147,8 @@ class SamaTrainer(Trainer):
     accumulation micro-batches, as the Trainer does); the meta loss is the mean per-example loss
     on a meta batch. ℓ comes from the logits (`task`: "classification", "causal_lm" — mean token
     loss per sequence, ignoring -100 — or "auto"), or from `per_example_loss_fn(outputs, labels)`.
-    meta_lr: the meta optimiser's (Adam) learning rate; `meta_optimizer=` replaces it.
+    meta_lr: the meta optimiser's (Adam) learning rate; `meta_optimizer=` (a function λ's parameters
+    → optimiser, e.g. `lambda p: torch.optim.SGD(p, lr=0.1)`) replaces Adam.
     meta_every: a meta step every k optimiser steps. alpha, method: as in `sama_ext.meta_step`
     (`meta_step_kwargs` passes the rest). meta_batch_size: None — the whole meta set each meta step;
     else a random batch of that size (drawn from the meta step's number and args.seed, so a
@@ -159,7 +160,7 @@ class SamaTrainer(Trainer):
     def __init__(self, *args, meta_dataset=None, weighting: str = "sample", meta_lr: float = 1e-3,
                  meta_every: int = 1, alpha: float = 1.0, meta_batch_size: int | None = None,
                  method: str = "sama", weight_net: nn.Module | None = None, task: str = "auto",
-                 per_example_loss_fn: Callable | None = None, meta_optimizer: torch.optim.Optimizer | None = None,
+                 per_example_loss_fn: Callable | None = None, meta_optimizer: Callable | None = None,
                  meta_step_kwargs: dict | None = None, **kwargs):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"SamaTrainer: weighting must be one of {WEIGHTINGS}, not {weighting!r}")
@@ -206,7 +207,8 @@ class SamaTrainer(Trainer):
             self.weight_net = (weight_net if weight_net is not None else default_weight_net()).to(device)
             self.meta_params = [p for p in self.weight_net.parameters() if p.requires_grad]
         self.meta_dataset = _Indexed(meta_dataset, drop_domain=True)
-        self.meta_optimizer = meta_optimizer if meta_optimizer is not None else torch.optim.Adam(self.meta_params, lr=meta_lr)
+        self.meta_optimizer = (meta_optimizer(self.meta_params) if meta_optimizer is not None
+                               else torch.optim.Adam(self.meta_params, lr=meta_lr))
         # learned_weights(): per example, the sum and count of the weights its training steps gave it
         self._w_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self._w_count = torch.zeros(n, dtype=torch.float64, device=device)
