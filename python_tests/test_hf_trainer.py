@@ -315,3 +315,17 @@ def test_meta_every(tmp_path):
     t.train()
     assert [s for s, _ in t.domain_weight_history] == [2, 4]
     assert len([h for h in t.state.log_history if "meta_loss" in h]) == 2   # logged at steps 2 and 4 only
+
+
+def test_per_example_loss_fn(tmp_path):
+    """A user-supplied per-example loss replaces the one from the logits (here: twice the
+    cross-entropy), in the base and the meta losses; θ fixed (lr 0) to check the logged meta loss."""
+    meta = cls_rows(8, 1)
+    t = SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1, learning_rate=0.0), train_dataset=cls_rows(8, 0),
+                    meta_dataset=meta, per_example_loss_fn=lambda out, y: 2 * F.cross_entropy(out.logits, y, reduction="none"))
+    t.train()
+    with torch.no_grad():
+        expect = 2 * cls_losses(bert(), meta).mean().item()
+    log = [h for h in t.state.log_history if "meta_loss" in h][0]
+    assert math.isclose(log["meta_loss"], expect, rel_tol=1e-5)
+    assert math.isclose(t.state.log_history[0]["loss"], 2 * cls_losses(bert(), cls_rows(8, 0)).mean().item(), rel_tol=0.05)
