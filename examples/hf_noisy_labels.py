@@ -9,6 +9,8 @@ example's loss; then the learned weights of correctly labeled vs mislabeled exam
 `trainer.prune(keep=0.6)`.
 
     PYTHONPATH=. python examples/hf_noisy_labels.py [--quick] [--seed N]
+
+Measured results (3 seeds, machine, command): docs/huggingface.md.
 """
 from __future__ import annotations
 
