@@ -17,6 +17,8 @@ EXAMPLES = {
     "reweight_transformer.py": (("transformers", "sklearn"), "AdamW + SAMA reweighting"),
     "label_correction.py": (("sklearn",), "corrected labels"),
     "data_pruning.py": (("sklearn",), "pruned by learned weights"),
+    "hf_domain_mixing.py": (("transformers", "accelerate"), "target-domain test loss"),
+    "hf_noisy_labels.py": (("transformers", "accelerate"), "SamaTrainer(weighting='sample')"),
 }
 
 
