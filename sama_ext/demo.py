@@ -179,6 +179,8 @@ def train(method: str, data: Split, seed: int, args, bar=None) -> Run:
         wnet = weight_net().to(device) if meta else None
         meta_opt = torch.optim.Adam(wnet.parameters(), lr=args.meta_lr) if meta else None
     extra = {} if args.safeguard is None else {"safeguard": args.safeguard}
+    if args.frozen_at is not None:
+        extra["frozen_at"] = args.frozen_at
     gen = torch.Generator().manual_seed(seed + 1)  # batch order: same for every method of a seed
     meta_gen = torch.Generator().manual_seed(seed + 2)
 
@@ -448,6 +450,8 @@ def parse_args(argv=None):
     ap.add_argument("--unroll", type=int, default=1, help="base steps between meta steps")
     ap.add_argument("--safeguard", default=None, choices=list(sama_ext.SAFEGUARDS),
                     help="Adam diagonal safeguard passed to meta_step (default: meta_step's own default)")
+    ap.add_argument("--frozen-at", default=None, choices=["theta", "theta_plus"],
+                    help="where meta_step records frozen() inputs (default: meta_step's own default)")
     ap.add_argument("--test-size", type=int, default=500, help="test samples per seed")
     ap.add_argument("--meta-size", type=int, default=100, help="clean meta samples per seed")
     ap.add_argument("--train-size", type=int, default=0, help="noisy training samples (0: all the rest, 1197)")
