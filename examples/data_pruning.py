@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import sama_ext
-from sama_ext.demo import accuracy, base_model, load_split, mean_std, reweighted_loss, weight_net
+from sama_ext.demo import accuracy, base_model, best_epoch, load_split, mean_std, reweighted_loss, weight_net
 from sama_ext.noisy_label_baselines import finetune_last_layer
 
 
@@ -60,16 +60,19 @@ def learn_weights(data, seed, args) -> torch.Tensor:
 
 
 def plain_train(data, keep: torch.Tensor, seed, args, score_losses: bool = False):
-    """Ordinary training on the kept samples: (final test accuracy, the same after fine-tuning the
-    last layer on the clean meta set, both %, and — with score_losses — each kept sample's loss
-    averaged over the epochs)."""
+    """Ordinary training on the kept samples: (final test accuracy, early-stopped on the clean meta
+    set, final after fine-tuning the last layer on the clean meta set, all %, and — with
+    score_losses — each kept sample's loss averaged over the epochs)."""
     torch.manual_seed(seed)
     model = base_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = data.x_train[keep], data.y_train[keep]
     total = torch.zeros(len(y))
+    test_acc, meta_acc = [], []
     for idx in loader(len(y), args.epochs, seed + 1):
         if idx is None:
+            test_acc.append(100 * float(accuracy(model, data.x_test, data.y_test)))
+            meta_acc.append(100 * float(accuracy(model, data.x_meta, data.y_meta)))
             if score_losses:
                 with torch.no_grad():
                     total += F.cross_entropy(model(x), y, reduction="none")
@@ -79,7 +82,7 @@ def plain_train(data, keep: torch.Tensor, seed, args, score_losses: bool = False
         loss.backward()
         opt.step()
     tuned = finetune_last_layer(model, data.x_meta, data.y_meta)
-    return (100 * float(accuracy(model, data.x_test, data.y_test)), 100 * float(accuracy(tuned, data.x_test, data.y_test)),
+    return (test_acc[-1], test_acc[best_epoch(meta_acc)], 100 * float(accuracy(tuned, data.x_test, data.y_test)),
             total / args.epochs)
 
 
@@ -102,7 +105,7 @@ def main(argv=None) -> int:
         args.epochs, args.seeds, train_size = 2, 2, 256
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    res = {name: [] for name in SETS}   # per seed: (final, fine-tuned, share of mislabeled pruned)
+    res = {name: [] for name in SETS}   # per seed: (final, early-stopped, fine-tuned, share of mislabeled pruned)
     secs = {"SAMA weights": [], "plain-run losses": []}
     t_all = time.perf_counter()
     for seed in range(args.seed, args.seed + args.seeds):
@@ -117,36 +120,45 @@ def main(argv=None) -> int:
         print(f"  averaged learned weight: correctly labeled {weights[~data.noisy].mean():.3f}, "
               f"mislabeled {weights[data.noisy].mean():.3f}")
         t0 = time.perf_counter()
-        full_final, full_tuned, losses = plain_train(data, torch.arange(n), seed, args, score_losses=True)
+        full_final, full_es, full_tuned, losses = plain_train(data, torch.arange(n), seed, args, score_losses=True)
         secs["plain-run losses"].append(time.perf_counter() - t0)
         keeps = {"pruned by learned weights": weights.argsort()[n_drop:],        # lowest averaged weight dropped
                  "pruned by plain-run loss": losses.argsort(descending=True)[n_drop:],  # highest averaged loss dropped
                  "pruned at random": torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))[n_drop:]}
         for name in SETS:
             if name == SETS[0]:
-                final, tuned, keep = full_final, full_tuned, torch.arange(n)
+                final, es, tuned, keep = full_final, full_es, full_tuned, torch.arange(n)
             else:
                 keep = keeps[name]
-                final, tuned, _ = plain_train(data, keep, seed, args)
+                final, es, tuned, _ = plain_train(data, keep, seed, args)
             dropped = torch.ones(n, dtype=torch.bool)
             dropped[keep] = False
             hit = 100 * float(data.noisy[dropped].float().mean()) if bool(dropped.any()) else float("nan")
-            res[name].append((final, tuned, hit))
+            res[name].append((final, es, tuned, hit))
             print(f"  plain training on the {name:<26} ({len(keep):4d} samples, "
-                  f"{100 * data.noisy[keep].float().mean():4.1f}% mislabeled): final {final:5.1f}%, fine-tuned {tuned:5.1f}%")
+                  f"{100 * data.noisy[keep].float().mean():4.1f}% mislabeled): final {final:5.1f}%, "
+                  f"early-stopped {es:5.1f}%, fine-tuned {tuned:5.1f}%")
     print(f"\nOver {args.seeds} seed(s), mean ± std (total {time.perf_counter() - t_all:.0f}s; scoring run: SAMA "
           f"{mean_std(secs['SAMA weights'])[0]:.1f}s, plain {mean_std(secs['plain-run losses'])[0]:.1f}s per seed):")
     fmt = lambda xs: "{:5.1f} ± {:4.1f}".format(*mean_std(xs))  # noqa: E731
-    print(f"  {'retrained on':<28} {'final':>13} {'fine-tuned':>13} {'pruned: mislabeled %':>21}")
+    cols = ("final", "early-stopped", "fine-tuned")
+    print(f"  {'retrained on':<28} " + " ".join(f"{c:>13}" for c in cols) + f" {'pruned: mislabeled %':>21}")
     for name in SETS:
         rs = res[name]
-        hit = fmt([r[2] for r in rs]) if name != SETS[0] else "-"
-        print(f"  {name:<28} {fmt([r[0] for r in rs]):>13} {fmt([r[1] for r in rs]):>13} {hit:>21}")
+        hit = fmt([r[3] for r in rs]) if name != SETS[0] else "-"
+        print(f"  {name:<28} " + " ".join(f"{fmt([r[i] for r in rs]):>13}" for i in range(3)) + f" {hit:>21}")
     base = "pruned by plain-run loss"
     print(f"Paired differences, pruned by learned weights − {base} (the simple baseline):")
-    for c, col in (("final", 0), ("fine-tuned", 1)):
+    for col, c in enumerate(cols):
         d = [a[col] - b[col] for a, b in zip(res["pruned by learned weights"], res[base])]
-        print(f"  {c:<11} {'{:+.1f} ± {:.1f}'.format(*mean_std(d))} (per seed {', '.join(f'{x:+.1f}' for x in d)})")
+        print(f"  {c:<13} {'{:+.1f} ± {:.1f}'.format(*mean_std(d))} (per seed {', '.join(f'{x:+.1f}' for x in d)})")
+    avg = lambda name, i: mean_std([r[i] for r in res[name]])[0]  # noqa: E731
+    bn, bi = max(((nm, i) for nm in SETS if nm != "pruned by learned weights" for i in range(3)), key=lambda t: avg(*t))
+    si = max(range(3), key=lambda i: avg("pruned by learned weights", i))
+    d = [a[si] - b[bi] for a, b in zip(res["pruned by learned weights"], res[bn])]
+    print(f"Best of pruning by learned weights ({cols[si]}, {avg('pruned by learned weights', si):.1f}%) − the strongest "
+          f"simple baseline ({bn}, {cols[bi]}, {avg(bn, bi):.1f}%): {'{:+.1f} ± {:.1f}'.format(*mean_std(d))} "
+          f"(per seed {', '.join(f'{x:+.1f}' for x in d)})")
     if args.quick:
         print("  (--quick is a smoke run: far too short for these numbers to mean anything)")
     return 0
