@@ -52,6 +52,13 @@ def test_demo_main_tiny_run(tmp_path, capsys):
         assert run["final"] == run["test_acc"][-1]
     for m in ("sama", "sama_na", "sama_pe"):
         assert res["runs"][m][0]["meta_steps"] == 2 * 3  # 160 samples / batch 64 = 3 steps per epoch
+    # the strongest simple baseline is the best of plain / small-loss at final, early-stopped or fine-tuned
+    best = max(res["runs"][m][0][k] for m in ("plain", "small_loss") for k in ("final", "early_stopped", "finetuned"))
+    assert res["facts"]["strongest_baseline"]["mean"] == best
+    for m in ("sama", "sama_na", "sama_pe"):
+        vs = res["facts"][m]["vs_strongest"]
+        own = max(res["runs"][m][0][k] for k in ("final", "early_stopped", "finetuned"))
+        assert vs["gain"] == pytest.approx(own - best) and vs["gain_std"] == 0.0
     assert res["runs"]["plain"][0]["meta_steps"] == 0
     assert "target_met" in res["facts"]
 
