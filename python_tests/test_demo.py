@@ -5,9 +5,9 @@ README's demo section against the demo.
 What is checked cheaply about the README's table: that it is exactly what `demo.table` prints for
 runs with its means and standard deviations, that the README's configuration is the demo's
 default one, and that the numbers quoted in the prose are the table's. Whether this code
-reproduces the table's values needs the demo itself (3 seeds × 4 methods × 60 epochs, 1-2 min
-on 2 idle cores): test_readme_table_holds_seed_0 runs one seed of it (about a third of that)
-when SAMA_EXT_SLOW_TESTS=1 (about 2 min on the loaded CI VM), and is skipped otherwise.
+reproduces the table's values needs the demo itself (3 seeds × 6 methods × 60 epochs, about 2 min
+on a busy 2-core VM): test_readme_table_holds_seed_0 runs one seed of it (about a third of that;
+54 s on 2026-12-03) when SAMA_EXT_SLOW_TESTS=1, and is skipped otherwise.
 """
 from __future__ import annotations
 

@@ -13,9 +13,12 @@ A Meta-Weight-Net-style experiment on scikit-learn's bundled handwritten digits 
   (re-computing it there would estimate a different, wrong quantity).
 
 Baselines, trained on the same splits, initial weights and batch order: plain training on the noisy
-data, plain training on noisy data + the clean meta set, and plain training "early-stopped" on the
-clean meta set. Every method is reported at the final epoch and early-stopped (the test accuracy
-at the epoch of best clean-meta-set accuracy). Results go to --out (JSON and a PNG plot).
+data, plain training on noisy data + the clean meta set, and small-loss selection (given the true
+noise rate; `sama_ext.noisy_label_baselines`). Every method is reported at the final epoch,
+early-stopped (the test accuracy at the epoch of best clean-meta-set accuracy) and after fine-tuning
+its final model's last layer on the clean meta set (a configuration fixed in advance). Besides the
+weight net, `sama_pe` learns one logit per training example (`sama_ext.PerExampleWeights`). Results
+go to --out (JSON and a PNG plot); docs/results.md has the measured tables.
 """
 from __future__ import annotations
 
