@@ -119,6 +119,18 @@ def test_symmetric_noise_uses_every_other_class():
     assert counts[1:].min() > 850 and counts[1:].max() < 1150    # ≈ 1000 each: uniform over the other 9
 
 
+def test_synthetic50_dataset():
+    x, y, classes = demo.load_data("synthetic50")
+    assert x.shape == (4000, 64) and classes == 50 and sorted(set(y.tolist())) == list(range(50))
+    assert torch.allclose(x.mean(0), torch.zeros(64), atol=1e-4) and torch.allclose(x.std(0), torch.ones(64), atol=1e-4)
+    d = demo.load_split(0, 0.6, 500, 100, 0, torch.device("cpu"), dataset="synthetic50")
+    assert d.num_classes == 50 and len(d.y_train) == 3400 and d.noisy.sum().item() == round(0.6 * 3400)
+    assert torch.all(d.y_train[d.noisy] != d.y_true[d.noisy]) and int(d.y_train.max()) < 50
+    assert demo.base_model(64, 50)[-1].out_features == 50
+    with pytest.raises(ValueError, match="unknown dataset"):
+        demo.load_data("mnist")
+
+
 def test_split_sizes_and_noise():
     d = demo.load_split(0, 0.6, 500, 100, 0, torch.device("cpu"))
     assert (len(d.y_test), len(d.y_meta), len(d.y_train)) == (500, 100, 1197)

@@ -78,6 +78,7 @@ class Split:
     y_meta: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    num_classes: int = 10
 
 
 def add_asymmetric_noise(labels: torch.Tensor, rate: float, num_classes: int, gen: torch.Generator):
@@ -95,30 +96,51 @@ def add_asymmetric_noise(labels: torch.Tensor, rate: float, num_classes: int, ge
 NOISE_KINDS = {"symmetric": add_symmetric_noise, "asymmetric": add_asymmetric_noise}
 
 
-def load_split(seed: int, noise: float, test_size: int, meta_size: int, train_size: int, device,
-               noise_kind: str = "symmetric") -> Split:
-    """Digits (1797 × 8×8, pixel values 0…16 → x/16), split per seed into test / clean meta /
-    noisy train (train_size ≤ 0: all the rest)."""
-    from sklearn.datasets import load_digits
+DATASETS = ("digits", "synthetic50")
 
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
+
+def load_data(dataset: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(x, y, number of classes). digits: scikit-learn's 1797 × 8×8 images, pixel values 0…16 → x/16.
+    synthetic50: a fixed draw of scikit-learn's make_classification — 4000 samples, 64 features (32
+    informative), 50 classes of one Gaussian cluster each, class_sep 1.5 — standardised per feature;
+    a task with many classes, where a small clean set has few samples per class."""
+    if dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return torch.tensor(digits.data, dtype=torch.float32) / 16.0, torch.tensor(digits.target, dtype=torch.long), 10
+    if dataset == "synthetic50":
+        from sklearn.datasets import make_classification
+
+        x, y = make_classification(n_samples=4000, n_features=64, n_informative=32, n_redundant=0, n_classes=50,
+                                   n_clusters_per_class=1, class_sep=1.5, flip_y=0.0, random_state=0)
+        x = torch.tensor(x, dtype=torch.float32)
+        return (x - x.mean(0)) / x.std(0), torch.tensor(y, dtype=torch.long), 50
+    raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def load_split(seed: int, noise: float, test_size: int, meta_size: int, train_size: int, device,
+               noise_kind: str = "symmetric", dataset: str = "digits") -> Split:
+    """The dataset (load_data), split per seed into test / clean meta / noisy train (train_size ≤ 0:
+    all the rest)."""
+    x, y, classes = load_data(dataset)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(y), generator=gen)
     test, meta, rest = order[:test_size], order[test_size:test_size + meta_size], order[test_size + meta_size:]
     train = rest if train_size <= 0 else rest[:train_size]
-    y_noisy, changed = NOISE_KINDS[noise_kind](y[train], noise, 10, gen)
+    y_noisy, changed = NOISE_KINDS[noise_kind](y[train], noise, classes, gen)
     t = lambda a: a.to(device)  # noqa: E731
-    return Split(t(x[train]), t(y_noisy), t(y[train]), t(changed), t(x[meta]), t(y[meta]), t(x[test]), t(y[test]))
+    return Split(t(x[train]), t(y_noisy), t(y[train]), t(changed), t(x[meta]), t(y[meta]), t(x[test]), t(y[test]),
+                 classes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and the reweighted loss
 # ----------------------------------------------------------------------------------------------
 
-def base_model() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+def base_model(in_features: int = 64, num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_features, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                         nn.Linear(256, num_classes))
 
 
 def weight_net() -> nn.Module:
@@ -167,7 +189,7 @@ class Run:
 def train(method: str, data: Split, seed: int, args, bar=None) -> Run:
     device = data.x_train.device
     torch.manual_seed(seed)  # same initial θ for every method of a seed
-    model = base_model().to(device)
+    model = base_model(data.x_train.shape[1], data.num_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     params = list(model.parameters())
     meta = method in META_METHODS
@@ -440,6 +462,8 @@ def parse_args(argv=None):
                     help="what to train (plain early-stopping is reported for every method)")
     ap.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, …)")
     ap.add_argument("--noise", type=float, default=0.6, help="label-noise rate on the training set")
+    ap.add_argument("--dataset", default="digits", choices=list(DATASETS),
+                    help="digits (the default) or synthetic50 (50 classes, a fixed make_classification draw)")
     ap.add_argument("--noise-kind", default="symmetric", choices=list(NOISE_KINDS),
                     help="symmetric: a uniformly drawn wrong class; asymmetric: class i → i+1")
     ap.add_argument("--epochs", type=int, default=60)
@@ -487,12 +511,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"sama_ext demo: noisy-label reweighting on digits, {args.noise:.0%} {args.noise_kind} noise, "
+    print(f"sama_ext demo: noisy-label reweighting on {args.dataset}, {args.noise:.0%} {args.noise_kind} noise, "
           f"{args.epochs} epochs × {args.seeds} seeds on {device} (backend: {sama_ext.backend()})")
 
     t_start = time.perf_counter()
     splits = {seed: load_split(seed, args.noise, args.test_size, args.meta_size, args.train_size, device,
-                               args.noise_kind)
+                               args.noise_kind, args.dataset)
               for seed in range(args.seeds)}
     runs: dict[str, list[Run]] = {}
     for m in args.methods:
@@ -515,7 +539,7 @@ def main(argv=None) -> int:
             print("  - " + line)
     print(f"\nTotal time {total:.0f}s.")
 
-    title = (f"digits, {args.noise:.0%} {args.noise_kind} label noise, {n_train} train / {args.meta_size} clean meta; "
+    title = (f"{args.dataset}, {args.noise:.0%} {args.noise_kind} label noise, {n_train} train / {args.meta_size} clean meta; "
              f"mean ± std over {args.seeds} seed(s)")
     png = out / "accuracy.png"
     plot(runs, png, title)
