@@ -11,8 +11,9 @@ from .adaptation import SAFEGUARDS, AdaptCall, adapt, register_diagonal
 from .frozen_inputs import frozen
 from .sama_step import METHODS, MetaStepInfo, meta_step
 from .ops import perturb_
+from .per_example import PerExampleWeights
 from . import distributed  # noqa: E402  (public namespace: sama_ext.distributed.register_comm_hook)
 
 __all__ = ["meta_step", "MetaStepInfo", "METHODS", "frozen", "adapt", "perturb_", "backend", "register_diagonal",
-           "AdaptCall", "SAFEGUARDS", "BuildError", "distributed"]
+           "AdaptCall", "SAFEGUARDS", "BuildError", "distributed", "PerExampleWeights"]
 __version__ = "0.1.0"
