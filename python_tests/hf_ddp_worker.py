@@ -16,6 +16,11 @@ from test_hf_trainer import Recorded, bert, cls_rows, targs, wnet  # noqa: E402
 from sama_ext.hf import SamaTrainer  # noqa: E402
 
 N_TRAIN, N_META = 32, 16
+DOMAINS = ("code", "legal", "prose")
+
+
+def domain_rows(n, seed):
+    return [dict(r, domain=DOMAINS[i % 3]) for i, r in enumerate(cls_rows(n, seed))]
 
 
 def dargs(out, **kw):
@@ -42,6 +47,17 @@ def main(out: Path) -> None:
     res["a_lam"] = lam(a)
     res["a_theta"] = [p.detach().clone() for p in a.model.parameters()]
     res["a_log"] = [h for h in a.state.log_history if "meta_loss" in h]
+
+    # D: domain weights, gradient accumulation 2: one optimiser step and its meta step
+    train = Recorded(domain_rows(N_TRAIN, 0))
+    d = SamaTrainer(model=bert(), args=dargs(out / "d", max_steps=1, gradient_accumulation_steps=2),
+                    train_dataset=train, meta_dataset=meta, weighting="domain", meta_lr=0.1)
+    train.seen.clear()
+    d.train()
+    res["d_seen"] = list(train.seen)
+    res["d_grad"] = [p.grad.detach().clone() for p in d.meta_params]
+    res["d_lam"] = lam(d)
+    res["d_weights"] = d.learned_weights()
 
     # B: 4 steps (2 epochs of 2 steps on each rank), random meta batches, a checkpoint at step 2
     kw = dict(weighting="sample", meta_batch_size=3)

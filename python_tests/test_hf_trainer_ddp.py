@@ -55,54 +55,89 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def test_first_meta_step_is_the_rank_average(ranks):
-    rows, meta = cls_rows(N_TRAIN, 0), cls_rows(N_META, 1)
-    batches = [[rows[i] for i in res["a_seen"][:BATCH]] for res in ranks]
-    assert set(ranks[0]["a_seen"][:BATCH]).isdisjoint(ranks[1]["a_seen"][:BATCH])   # each rank its own shard
-    model, net = bert(), wnet()
+def oracle(micro, net, weigh, meta, meta_lr):
+    """What DDP must give, in one process: micro[r] is rank r's list of micro-batches of the first
+    optimiser step, weigh(λ module, per-example losses, batch) the weights. Returns the expected
+    λ.grad, λ after the meta optimiser's step, θ after the base step and each rank's meta loss."""
+    model = bert()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
 
-    def wloss(b, weigh):
-        per = cls_losses(model, b)
-        w = weigh(per)
-        return (w * per).sum() / w.sum()
+    def base_loss(batches, lam_net, w_of):
+        total = 0
+        for b in batches:
+            per = cls_losses(model, b)
+            w = weigh(lam_net, w_of(per), b)
+            total = total + (w * per).sum() / w.sum()
+        return total / len(batches)
 
     # the base step DDP takes: the rank average of each rank's gradient, clipped, AdamW
-    grads = [torch.autograd.grad(wloss(b, lambda per: net(per.detach().unsqueeze(1)).squeeze(1).detach()), params)
-             for b in batches]
+    grads = [torch.autograd.grad(base_loss(batches, net, lambda per: per.detach()), params) for batches in micro]
     for p, *g in zip(params, *grads):
         p.grad = sum(g) / WORLD
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     # each rank's meta step, in one process (θ is restored bit for bit after each)
     per_rank = []
-    for r, b in enumerate(batches):
+    for r, batches in enumerate(micro):
         lam_net = copy.deepcopy(net)
         info = sama_ext.meta_step(params, opt, list(lam_net.parameters()),
-                                  lambda b=b, n=lam_net: wloss(b, lambda per: n(sama_ext.frozen(per).unsqueeze(1)).squeeze(1)),
+                                  lambda b=batches, n=lam_net: base_loss(b, n, sama_ext.frozen),
                                   lambda r=r: cls_losses(model, meta[r::WORLD]).mean())
         assert not bool(info.skipped)
         per_rank.append([p.grad for p in lam_net.parameters()])
     expect = [sum(g) / WORLD for g in zip(*per_rank)]
-    # the ranks' own meta-gradients differ: an un-averaged λ.grad could not pass below
-    assert max(float((a - b).abs().max()) for a, b in zip(*per_rank)) > 100 * max(float(e.abs().max()) for e in expect) * 1e-5
-    meta_opt_net = copy.deepcopy(net)
-    for p, g in zip(meta_opt_net.parameters(), expect):
+    # the ranks' own meta-gradients differ: an un-averaged λ.grad could not pass the comparison
+    assert max(float((a - b).abs().max()) for a, b in zip(*per_rank)) > 0.1 * max(float(e.abs().max()) for e in expect)
+    stepped = copy.deepcopy(net)
+    for p, g in zip(stepped.parameters(), expect):
         p.grad = g.clone()
-    torch.optim.Adam(meta_opt_net.parameters(), lr=1e-3).step()
+    torch.optim.Adam(stepped.parameters(), lr=meta_lr).step()
+    with torch.no_grad():
+        meta_losses = [float(cls_losses(model, meta[r::WORLD]).mean()) for r in range(WORLD)]
+    return expect, [p.detach() for p in stepped.parameters()], [p.detach() for p in params], meta_losses
+
+
+def _micro(res, key, rows, ga):
+    seen = res[key]
+    return [[rows[i] for i in seen[k * BATCH:(k + 1) * BATCH]] for k in range(ga)]
+
+
+def test_first_meta_step_is_the_rank_average(ranks):
+    rows, meta = cls_rows(N_TRAIN, 0), cls_rows(N_META, 1)
+    micro = [_micro(res, "a_seen", rows, 1) for res in ranks]
+    assert set(ranks[0]["a_seen"][:BATCH]).isdisjoint(ranks[1]["a_seen"][:BATCH])   # each rank its own shard
+    expect, lam, theta, meta_losses = oracle(micro, wnet(), lambda n, z, b: n(z.unsqueeze(1)).squeeze(1), meta, 1e-3)
     for res in ranks:
         for got, want in zip(res["a_grad"], expect):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
-        for got, want in zip(res["a_lam"], meta_opt_net.parameters()):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-7)
-        for got, want in zip(res["a_theta"], params):
-            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-7)
-    # the logged meta loss is the rank average of each rank's meta loss at the new θ
-    with torch.no_grad():
-        want = sum(float(cls_losses(model, meta[r::WORLD]).mean()) for r in range(WORLD)) / WORLD
+        for got, want in zip(res["a_lam"], lam):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for got, want in zip(res["a_theta"], theta):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        # the logged meta loss is the rank average of each rank's meta loss at the new θ
+        assert res["a_log"][0]["meta_loss"] == pytest.approx(sum(meta_losses) / WORLD, rel=1e-5)
+
+
+def test_domain_weights_with_accumulation(ranks):
+    """weighting="domain" (λ = the logits, in their own DDP module), 2 micro-batches per step."""
+    domains = ("code", "legal", "prose")
+    rows = [dict(r, domain=domains[i % 3]) for i, r in enumerate(cls_rows(N_TRAIN, 0))]
+    micro = [_micro(res, "d_seen", rows, 2) for res in ranks]
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logits = torch.nn.Parameter(torch.zeros(3))
+
+    def weigh(n, z, b):
+        return torch.softmax(n.logits, 0)[torch.tensor([domains.index(r["domain"]) for r in b])] * 3
+
+    expect, lam, _, _ = oracle(micro, Logits(), weigh, cls_rows(N_META, 1), 0.1)
     for res in ranks:
-        assert res["a_log"][0]["meta_loss"] == pytest.approx(want, rel=1e-5)
+        torch.testing.assert_close(res["d_grad"][0], expect[0], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(res["d_lam"][0], lam[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(list(res["d_weights"].values())), torch.softmax(lam[0], 0))
 
 
 def test_ranks_identical_and_weights_gathered(ranks):
