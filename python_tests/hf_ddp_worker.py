@@ -77,6 +77,11 @@ def main(out: Path) -> None:
     res["c_lam"] = lam(c)
     res["c_theta"] = [p.detach().clone() for p in c.model.parameters()]
     res["c_weights"] = c.learned_weights()
+    try:  # implicit-differentiation baselines are single-process
+        SamaTrainer(model=bert(), args=dargs(out / "e", max_steps=1), train_dataset=cls_rows(8, 0), meta_dataset=meta,
+                    method="neumann")
+    except NotImplementedError as e:
+        res["e_error"] = str(e)
     torch.save(res, out / f"rank{rank}.pt")
 
 

@@ -20,7 +20,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import sama_ext  # noqa: E402
-from test_hf_trainer import BATCH, bert, cls_losses, cls_rows, wnet  # noqa: E402
+from test_hf_trainer import BATCH, bert, cls_losses, cls_rows, targs, wnet  # noqa: E402
+
+from sama_ext.hf import SamaTrainer  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "hf_ddp_worker.py"
 WORLD, N_TRAIN, N_META = 2, 32, 16
@@ -165,3 +167,11 @@ def test_resume_under_ddp_equals_uninterrupted(ranks):
             for a, b in zip(res[f"b_{key}"], res[f"c_{key}"]):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(res["b_weights"], res["c_weights"], rtol=0, atol=0)
+
+
+def test_errors(ranks, tmp_path):
+    for res in ranks:
+        assert "method='neumann' runs in one process only" in res["e_error"]
+    with pytest.raises(ValueError, match="meta_compression= applies to DDP runs"):
+        SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1), train_dataset=cls_rows(8, 0),
+                    meta_dataset=cls_rows(4, 1), meta_compression="bf16")

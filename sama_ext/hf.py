@@ -199,6 +199,9 @@ class SamaTrainer(Trainer):
         if self.train_dataset is None or meta_dataset is None:
             raise ValueError("SamaTrainer needs train_dataset= and meta_dataset= (the clean / target data)")
         self._check_parallelism()
+        if self.distributed and method not in ("sama", "sama_na"):
+            raise NotImplementedError(f"SamaTrainer: method={method!r} runs in one process only; under DDP use "
+                                      "'sama' or 'sama_na'")
         self.weighting, self.meta_every, self.alpha, self.method = weighting, meta_every, alpha, method
         self.meta_batch_size, self.task, self.per_example_loss_fn = meta_batch_size, task, per_example_loss_fn
         self.meta_step_kwargs = dict(meta_step_kwargs or {})
@@ -222,7 +225,8 @@ class SamaTrainer(Trainer):
         else:
             self.domain_names = None
             self.train_dataset = _Indexed(self.user_train_dataset)
-            self.weight_net = self.meta_module = (weight_net if weight_net is not None else default_weight_net()).to(device)
+            net = weight_net if weight_net is not None else default_weight_net()
+            self.weight_net = self.meta_module = net.to(device)
         self.meta_params = [p for p in self.meta_module.parameters() if p.requires_grad]
         self.meta_dataset = _Indexed(meta_dataset, drop_domain=True)
         if self.distributed and len(self.meta_dataset) < self.args.world_size:
@@ -259,8 +263,7 @@ class SamaTrainer(Trainer):
         a = self.args
         other = [name for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
                                        ("FSDP (XLA)", getattr(self, "is_fsdp_xla_enabled", False)),
-                                       ("tensor/context parallelism", getattr(a, "parallelism_config", None) is not None))
-                 if on]
+                                       ("parallelism_config (TP/CP/SP)", a.parallelism_config is not None)) if on]
         if other:
             raise NotImplementedError(f"SamaTrainer: {other[0]} is not supported; run one process or DDP (torchrun, "
                                       "one device per process). For FSDP2 see sama_ext.fsdp with a hand-written loop")
@@ -307,11 +310,12 @@ class SamaTrainer(Trainer):
                 self._signature_columns.append(key)
 
     def _meta_batch(self, number: int) -> dict:
-        """Meta batch of meta step `number`: the whole meta set, or a draw that depends only on
-        (args.seed, number) — a resumed run draws the same batches."""
+        """Meta batch of meta step `number` on this rank: the whole meta set (under DDP each rank its
+        share), or a draw that depends only on (args.seed, number, rank) — a resumed run draws the
+        same batches."""
         n, rank, world = len(self.meta_dataset), self.args.process_index, self.args.world_size
         k = self.meta_batch_size
-        if k is None or (world == 1 and k >= n):
+        if k is None or k >= n:  # the whole meta set (its share r, r+W, ... on rank r)
             if self._meta_cache is None:
                 self._meta_cache = self._collate_meta(range(rank, n, world))
             return self._meta_cache
