@@ -9,12 +9,14 @@ example's loss; then the learned weights of correctly labeled vs mislabeled exam
 `trainer.prune(keep=0.6)`.
 
     PYTHONPATH=. python examples/hf_noisy_labels.py [--quick] [--seed N]
+    PYTHONPATH=. torchrun --nproc_per_node=2 examples/hf_noisy_labels.py --quick   # DDP (gloo on CPUs)
 
 Measured results (3 seeds, machine, command): docs/huggingface.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -75,6 +77,8 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    # under torchrun every rank runs all of this (learned_weights() and prune() gather over ranks); rank 0 prints
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
 
     gen = torch.Generator().manual_seed(args.seed)
     x, y_true = make_data(args.n_train, gen)
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     x_meta, y_meta = make_data(64, gen)
     x_test, y_test = make_data(512, gen)
     train = rows(x, y)
-    print(f"tiny BERT, AdamW; {args.n_train} training sequences with {args.noise:.0%} wrong labels, 64 clean meta "
+    say(f"tiny BERT, AdamW; {args.n_train} training sequences with {args.noise:.0%} wrong labels, 64 clean meta "
           f"sequences, {args.epochs} epochs (transformers.Trainer)")
     with tempfile.TemporaryDirectory() as tmp:
         plain, t_plain = fit(train, args, tmp)
@@ -92,17 +96,17 @@ def main(argv=None) -> int:
         kept = sama.prune(keep=args.keep)
         retrained, t_re = fit(kept, args, tmp)
     kept_noisy = noisy[torch.tensor(kept.indices)].float().mean().item()
-    print(f"  plain Trainer                        : test accuracy {accuracy(plain.model, x_test, y_test):5.1f}%  "
+    say(f"  plain Trainer                        : test accuracy {accuracy(plain.model, x_test, y_test):5.1f}%  "
           f"({t_plain:.1f}s)")
-    print(f"  SamaTrainer(weighting='sample')      : test accuracy {accuracy(sama.model, x_test, y_test):5.1f}%  "
+    say(f"  SamaTrainer(weighting='sample')      : test accuracy {accuracy(sama.model, x_test, y_test):5.1f}%  "
           f"({t_sama:.1f}s)")
-    print(f"  plain Trainer on prune(keep={args.keep})  : test accuracy "
+    say(f"  plain Trainer on prune(keep={args.keep})  : test accuracy "
           f"{accuracy(retrained.model, x_test, y_test):5.1f}%  ({t_re:.1f}s; {kept_noisy:.0%} of the kept examples "
           f"mislabeled, {noisy.float().mean().item():.0%} before)")
-    print(f"  learned weight (learned_weights(), mean over the training examples): correctly labeled "
+    say(f"  learned weight (learned_weights(), mean over the training examples): correctly labeled "
           f"{w[~noisy].mean().item():.3f}, mislabeled {w[noisy].mean().item():.3f}")
     if args.quick:
-        print("  (--quick is a smoke run: far too short for the accuracies or weights to mean anything)")
+        say("  (--quick is a smoke run: far too short for the accuracies or weights to mean anything)")
     return 0
 
 

@@ -13,7 +13,10 @@ Where the meta step runs: the Trainer's `on_optimizer_step` point — right afte
 The optimiser handed to `meta_step` is the torch optimiser behind accelerate's wrapper. Only the
 public `meta_step` and `frozen` are used (no internals), so the core does not need transformers.
 
-Needs `pip install ".[hf]"` (transformers, accelerate). Single process (one device) for now.
+Needs `pip install ".[hf]"` (transformers, accelerate). One process, or DDP under `torchrun`
+(one device per process): the base model is the Trainer's DDP module, λ is wrapped in its own DDP
+module with `sama_ext.distributed`'s comm hook, and λ.grad is the average over ranks of each rank's
+meta-gradient (docs/huggingface.md, "DDP"). DeepSpeed, FSDP and DataParallel are refused.
 """
 from __future__ import annotations
 
@@ -23,15 +26,18 @@ from collections.abc import Mapping
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .frozen_inputs import frozen
 from .sama_step import METHODS, meta_step
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.training_args import ParallelMode
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("sama_ext.hf needs transformers and accelerate: pip install 'sama_ext[hf]' "
                       f"(or pip install transformers accelerate): {e}") from e
@@ -95,6 +101,18 @@ def _real_optimizer(opt):
     return opt
 
 
+class _DomainWeights(nn.Module):
+    """weighting="domain"'s λ as a module (DDP wraps modules): one logit per domain; forward gives
+    each example's weight softmax(logits)[domain]·D."""
+
+    def __init__(self, n_domains: int, device):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(n_domains, device=device))
+
+    def forward(self, domain_ids: Tensor) -> Tensor:
+        return torch.softmax(self.logits, 0)[domain_ids] * self.logits.numel()
+
+
 class _Indexed(torch.utils.data.Dataset):
     """Each example as a dict with its position (INDEX_KEY) and, if given, its domain id in place
     of the domain's name (the collator needs numbers)."""
@@ -152,7 +170,9 @@ class SamaTrainer(Trainer):
     meta_every: a meta step every k optimiser steps. alpha, method: as in `sama_ext.meta_step`
     (`meta_step_kwargs` passes the rest). meta_batch_size: None — the whole meta set each meta step;
     else a random batch of that size (drawn from the meta step's number and args.seed, so a
-    resumed run draws the same batches).
+    resumed run draws the same batches). Under DDP each rank's meta batch is its own: rank r of W
+    takes the meta examples r, r+W, ... (None), or the r-th batch of one shared random permutation.
+    meta_compression: under DDP, the comm hook's compression of λ's all-reduce (None, "bf16", "fp16").
     The meta step's base loss re-runs the step's micro-batches (3 forwards, 2 backwards to λ):
     its activation memory is that of all micro-batches of one optimiser step at once.
     """
@@ -161,7 +181,7 @@ class SamaTrainer(Trainer):
                  meta_every: int = 1, alpha: float = 1.0, meta_batch_size: int | None = None,
                  method: str = "sama", weight_net: nn.Module | None = None, task: str = "auto",
                  per_example_loss_fn: Callable | None = None, meta_optimizer: Callable | None = None,
-                 meta_step_kwargs: dict | None = None, **kwargs):
+                 meta_step_kwargs: dict | None = None, meta_compression: str | None = None, **kwargs):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"SamaTrainer: weighting must be one of {WEIGHTINGS}, not {weighting!r}")
         if method not in METHODS:
@@ -178,9 +198,10 @@ class SamaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.train_dataset is None or meta_dataset is None:
             raise ValueError("SamaTrainer needs train_dataset= and meta_dataset= (the clean / target data)")
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise NotImplementedError("SamaTrainer runs in a single process on one device for now (DDP / "
-                                      "DataParallel are not wired up); see sama_ext.distributed for a hand-written loop")
+        self._check_parallelism()
+        if self.distributed and method not in ("sama", "sama_na"):
+            raise NotImplementedError(f"SamaTrainer: method={method!r} runs in one process only; under DDP use "
+                                      "'sama' or 'sama_na'")
         self.weighting, self.meta_every, self.alpha, self.method = weighting, meta_every, alpha, method
         self.meta_batch_size, self.task, self.per_example_loss_fn = meta_batch_size, task, per_example_loss_fn
         self.meta_step_kwargs = dict(meta_step_kwargs or {})
@@ -198,15 +219,30 @@ class SamaTrainer(Trainer):
         if weighting == "domain":
             self.domain_names, ids = self._read_domains(self.user_train_dataset)
             self.train_dataset = _Indexed(self.user_train_dataset, ids)
-            self.domain_logits = nn.Parameter(torch.zeros(len(self.domain_names), device=device))
-            self.meta_params = [self.domain_logits]
+            self.meta_module = _DomainWeights(len(self.domain_names), device)
+            self.domain_logits = self.meta_module.logits
             self.weight_net = None
         else:
             self.domain_names = None
             self.train_dataset = _Indexed(self.user_train_dataset)
-            self.weight_net = (weight_net if weight_net is not None else default_weight_net()).to(device)
-            self.meta_params = [p for p in self.weight_net.parameters() if p.requires_grad]
+            net = weight_net if weight_net is not None else default_weight_net()
+            self.weight_net = self.meta_module = net.to(device)
+        self.meta_params = [p for p in self.meta_module.parameters() if p.requires_grad]
         self.meta_dataset = _Indexed(meta_dataset, drop_domain=True)
+        if self.distributed and len(self.meta_dataset) < self.args.world_size:
+            raise ValueError(f"SamaTrainer: meta_dataset has {len(self.meta_dataset)} examples for "
+                             f"{self.args.world_size} ranks; each rank needs its own meta examples")
+        # λ's DDP module (None in one process): its backward in pass 3 of a meta step all-reduces the
+        # meta-gradient through sama_ext.distributed's hook. DDP broadcasts rank 0's λ here.
+        self.meta_ddp = None
+        if self.distributed:
+            from . import distributed as sdist
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.meta_ddp = DDP(self.meta_module, device_ids=ids)
+            self.meta_comm = sdist.register_comm_hook(self.meta_ddp, compression=meta_compression)
+        elif meta_compression is not None:
+            raise ValueError("SamaTrainer: meta_compression= applies to DDP runs (world_size > 1) only")
         self.meta_optimizer = (meta_optimizer(self.meta_params) if meta_optimizer is not None
                                else torch.optim.Adam(self.meta_params, lr=meta_lr))
         # learned_weights(): per example, the sum and count of the weights its training steps gave it
@@ -221,6 +257,25 @@ class SamaTrainer(Trainer):
         self._log_w: Tensor | None = None
         self._meta_cache = None
         self.add_callback(_MetaStepCallback(self))
+
+    def _check_parallelism(self) -> None:
+        """One process, or DDP (one device per process); refuse what the meta step does not handle."""
+        a = self.args
+        other = [name for name, on in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled),
+                                       ("FSDP (XLA)", getattr(self, "is_fsdp_xla_enabled", False)),
+                                       ("parallelism_config (TP/CP/SP)", a.parallelism_config is not None)) if on]
+        if other:
+            raise NotImplementedError(f"SamaTrainer: {other[0]} is not supported; run one process or DDP (torchrun, "
+                                      "one device per process). For FSDP2 see sama_ext.fsdp with a hand-written loop")
+        if a.n_gpu > 1:
+            raise NotImplementedError(f"SamaTrainer: DataParallel ({a.n_gpu} GPUs in one process) is not supported; "
+                                      "launch one process per GPU with torchrun (DDP)")
+        if a.world_size > 1 and a.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise NotImplementedError(f"SamaTrainer: {a.world_size} processes in parallel mode {a.parallel_mode}; "
+                                      "only DDP (torchrun) is supported")
+        self.distributed = a.world_size > 1
+        if self.distributed and not dist.is_initialized():  # pragma: no cover - accelerate initialises it
+            raise RuntimeError("SamaTrainer: world_size > 1 but torch.distributed is not initialised")
 
     # ----- data ---------------------------------------------------------------------------------
     @staticmethod
@@ -255,15 +310,19 @@ class SamaTrainer(Trainer):
                 self._signature_columns.append(key)
 
     def _meta_batch(self, number: int) -> dict:
-        """Meta batch of meta step `number`: the whole meta set, or a draw that depends only on
-        (args.seed, number) — a resumed run draws the same batches."""
-        n = len(self.meta_dataset)
-        if self.meta_batch_size is None or self.meta_batch_size >= n:
+        """Meta batch of meta step `number` on this rank: the whole meta set (under DDP each rank its
+        share), or a draw that depends only on (args.seed, number, rank) — a resumed run draws the
+        same batches."""
+        n, rank, world = len(self.meta_dataset), self.args.process_index, self.args.world_size
+        k = self.meta_batch_size
+        if k is None or k >= n:  # the whole meta set (its share r, r+W, ... on rank r)
             if self._meta_cache is None:
-                self._meta_cache = self._collate_meta(range(n))
+                self._meta_cache = self._collate_meta(range(rank, n, world))
             return self._meta_cache
+        # rank r takes the r-th k of one permutation (disjoint while W·k <= n, wrapping after)
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + number)
-        return self._collate_meta(torch.randperm(n, generator=g)[: self.meta_batch_size].tolist())
+        perm = torch.randperm(n, generator=g)
+        return self._collate_meta(perm[(torch.arange(k) + rank * k) % n].tolist())
 
     def _collate_meta(self, idx) -> dict:
         collate = self._get_collator_with_removed_columns(self.data_collator, description="meta")
@@ -304,13 +363,17 @@ class SamaTrainer(Trainer):
                              f"got {tuple(per.shape) if isinstance(per, Tensor) else type(per).__name__}")
         return per, outputs
 
-    def _weights(self, per: Tensor, inputs: dict) -> Tensor:
-        """w(λ) for each example of a batch (in float32: no autocast on the meta parameters)."""
-        with torch.autocast(device_type=per.device.type, enabled=False):
+    def _weights(self, pers: list[Tensor], inputs: list[dict], module: nn.Module) -> list[Tensor]:
+        """w(λ) for each example of each micro-batch (in float32: no autocast on the meta parameters),
+        from ONE call of the meta module on all of them: under DDP each forward of λ's module arms
+        its reducer for one backward."""
+        with torch.autocast(device_type=pers[0].device.type, enabled=False):
             if self.weighting == "domain":
-                return torch.softmax(self.domain_logits, 0)[inputs[DOMAIN_KEY]] * len(self.domain_names)
-            z = frozen(per).float()   # the weight net's input: held fixed across θ ± εv in a meta step
-            return self.weight_net(z.unsqueeze(1)).squeeze(1).float()
+                w = module(torch.cat([b[DOMAIN_KEY] for b in inputs]))
+            else:  # the weight net's input, held fixed across θ ± εv in a meta step
+                z = torch.cat([frozen(per).float() for per in pers])
+                w = module(z.unsqueeze(1)).squeeze(1).float()
+        return list(w.split([per.shape[0] for per in pers]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         per, outputs = self._per_example(model, inputs)
@@ -321,7 +384,7 @@ class SamaTrainer(Trainer):
                 raise ValueError(f"SamaTrainer: the training batch has no {DOMAIN_KEY!r} field; a custom "
                                  "data_collator must keep it (and 'sama_index')")
             with torch.no_grad():  # θ's gradient only; λ's comes from the meta step
-                w = self._weights(per, inputs)
+                w = self._weights([per], [inputs], self.meta_module)[0]
             self._record(w, inputs)
             self._step_inputs.append(inputs)
             loss = _weighted_mean(per, w)
@@ -360,18 +423,25 @@ class SamaTrainer(Trainer):
             self._meta_step(step, step_inputs)
 
     def _meta_step(self, step: int, step_inputs: list[dict]) -> None:
-        model = self.model
+        model = self.model  # the forwards go to the model itself; meta_step holds the DDP reducers off
         opt = _real_optimizer(self.optimizer)
         theta = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
         meta_batch = self._meta_batch(step // self.meta_every)
+        ddp_kw = {}
+        if self.distributed:
+            base_module = self.model_wrapped
+            if not isinstance(base_module, DDP):
+                raise NotImplementedError(f"SamaTrainer: under {self.args.world_size} processes the Trainer wrapped "
+                                          f"the model in {type(base_module).__name__}, not DistributedDataParallel; "
+                                          "only DDP is supported (no torch.compile wrapper, no DeepSpeed/FSDP)")
+            ddp_kw = dict(base_module=base_module, meta_module=self.meta_ddp)
+        weigher = self.meta_ddp if self.distributed else self.meta_module
 
         def base_loss():
             with self.compute_loss_context_manager():
-                total = 0.0
-                for inputs in step_inputs:
-                    per, _ = self._per_example(model, inputs)
-                    total = total + _weighted_mean(per, self._weights(per, inputs))
-                return total / len(step_inputs)
+                pers = [self._per_example(model, inputs)[0] for inputs in step_inputs]
+                ws = self._weights(pers, step_inputs, weigher)
+                return sum(_weighted_mean(per, w) for per, w in zip(pers, ws)) / len(step_inputs)
 
         def meta_loss():
             with self.compute_loss_context_manager():
@@ -379,7 +449,7 @@ class SamaTrainer(Trainer):
 
         self.meta_optimizer.zero_grad(set_to_none=True)
         info = meta_step(theta, opt, self.meta_params, base_loss, meta_loss, alpha=self.alpha, method=self.method,
-                         **self.meta_step_kwargs)
+                         **ddp_kw, **self.meta_step_kwargs)
         self.meta_optimizer.step()
         row = torch.stack([torch.ones_like(info.eps, dtype=torch.float64)] + [
             x.detach().double().reshape(()) for x in (info.meta_loss, info.eps, info.v_norm, info.skipped)])
@@ -388,7 +458,24 @@ class SamaTrainer(Trainer):
             self.domain_weight_history.append((step, torch.softmax(self.domain_logits.detach(), 0).cpu()))
 
     # ----- logs ---------------------------------------------------------------------------------
+    def _reduce_log_stats(self) -> None:
+        """Under DDP: the statistics since the last log summed over ranks (min/max over ranks).
+        A collective — the Trainer calls log() on every rank."""
+        dev = self._w_sum.device
+        meta = self._log_meta if self._log_meta is not None else torch.zeros(5, dtype=torch.float64, device=dev)
+        w = self._log_w if self._log_w is not None else torch.tensor([0.0, 0.0, 0.0, math.inf, -math.inf],
+                                                                      dtype=torch.float64, device=dev)
+        sums = torch.cat([meta, w[:3]])
+        dist.all_reduce(sums)
+        lo, hi = w[3:4].clone(), w[4:].clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        self._log_meta = sums[:5] if sums[0] > 0 else None
+        self._log_w = torch.cat([sums[5:], lo, hi]) if sums[5] > 0 else None
+
     def log(self, logs: dict, *args, **kwargs) -> None:
+        if self.distributed:
+            self._reduce_log_stats()
         if self._log_meta is not None:
             n, loss, eps, v_norm, skipped = self._log_meta.tolist()
             logs.update({"meta_loss": loss / n, "meta_eps": eps / n, "meta_v_norm": v_norm / n,
@@ -406,8 +493,18 @@ class SamaTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # ----- checkpoints ----------------------------------------------------------------------------
+    def _gathered_counts(self) -> tuple[Tensor, Tensor]:
+        """Σ of weights and count of sightings per training example, over all ranks (each rank
+        records the examples of its own shard). Under DDP a collective: every rank must call it."""
+        if not self.distributed:
+            return self._w_sum, self._w_count
+        both = torch.stack([self._w_sum, self._w_count])
+        dist.all_reduce(both)
+        return both[0], both[1]
+
     def _meta_state(self) -> dict:
-        state = {"meta_optimizer": self.meta_optimizer.state_dict(), "w_sum": self._w_sum, "w_count": self._w_count,
+        w_sum, w_count = self._gathered_counts()
+        state = {"meta_optimizer": self.meta_optimizer.state_dict(), "w_sum": w_sum, "w_count": w_count,
                  "domain_weight_history": self.domain_weight_history, "weighting": self.weighting}
         if self.weighting == "domain":
             state["domain_logits"] = self.domain_logits.detach()
@@ -418,8 +515,9 @@ class SamaTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        state = self._meta_state()  # (every rank: the weight statistics are gathered first)
         if self.args.should_save:
-            torch.save(self._meta_state(), os.path.join(output_dir, STATE_FILE))
+            torch.save(state, os.path.join(output_dir, STATE_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -429,7 +527,7 @@ class SamaTrainer(Trainer):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SamaTrainer: {path} not found; resume from a checkpoint saved by SamaTrainer "
                                     "(the weight net / domain logits and the meta optimiser are saved there)")
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # copied into place below
         if state["weighting"] != self.weighting:
             raise ValueError(f"SamaTrainer: the checkpoint has weighting={state['weighting']!r}, this trainer "
                              f"{self.weighting!r}")
@@ -444,19 +542,25 @@ class SamaTrainer(Trainer):
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         if state["w_sum"].shape != self._w_sum.shape:
             raise ValueError("SamaTrainer: the checkpoint was saved with a training set of another size")
-        self._w_sum.copy_(state["w_sum"])
-        self._w_count.copy_(state["w_count"])
+        # the checkpoint holds the sums over all ranks: rank 0 takes them, the others start from 0, so
+        # that the gathered sums (over ranks) stay right
+        keep = self.args.process_index == 0
+        self._w_sum.copy_(state["w_sum"] if keep else torch.zeros_like(self._w_sum))
+        self._w_count.copy_(state["w_count"] if keep else torch.zeros_like(self._w_count))
         self.domain_weight_history = list(state["domain_weight_history"])
 
     # ----- results --------------------------------------------------------------------------------
     def learned_weights(self):
         """weighting="sample": a float64 CPU tensor aligned with train_dataset — each example's weight
         averaged over the training steps that saw it (NaN if none did). weighting="domain": a dict
-        {domain: mixture weight} (softmax of the learned logits; sums to 1)."""
+        {domain: mixture weight} (softmax of the learned logits; sums to 1).
+        Under DDP the per-example weights are gathered over the ranks (each trained on its own shard),
+        so every rank gets all of train_dataset's — a collective: call it on every rank (as prune)."""
         if self.weighting == "domain":
             return dict(zip(self.domain_names, torch.softmax(self.domain_logits.detach(), 0).tolist()))
-        count = self._w_count.cpu()
-        return torch.where(count > 0, self._w_sum.cpu() / count.clamp_min(1), torch.full_like(count, math.nan))
+        w_sum, w_count = self._gathered_counts()
+        count = w_count.cpu()
+        return torch.where(count > 0, w_sum.cpu() / count.clamp_min(1), torch.full_like(count, math.nan))
 
     def prune(self, keep: float = 0.8):
         """The training examples with the highest learned weights (a fraction `keep`), in their
