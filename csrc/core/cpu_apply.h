@@ -73,10 +73,10 @@ SAMA_HD Sums element_sums(const Op& f, const typename Op::template Ctx<A>& c, co
                           Tout* const* out, int64_t i, int64_t tensor, int64_t index) {
   if constexpr (Op::kIndexed) {
     A x[Op::kIn];
-    Tout y[Op::kOut];
+    A y[Op::kOut];
     for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
     const Sums s = f.template apply_at<Tout>(c, x, y, tensor, index);
-    for (int k = 0; k < Op::kOut; ++k) out[k][i] = y[k];
+    for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
     return s;
   } else {
     const double r = double(cpu_element<Op, Tin, Tout, A>(f, c, in, out, i));

@@ -63,9 +63,11 @@ template <typename Fn> decltype(auto) with_functor(const OpSpec& s, Fn&& fn) {
       if (s.flag_a) return fn(Combine<true>{});
       return fn(Combine<false>{});
     case Kernel::kPerturbMeasured:
-      return fn(PerturbMeasured<false>{s.flag_a, s.seed, s.offset});
+      if (s.flag_a) return fn(PerturbMeasured<false, true>{s.seed, s.offset});
+      return fn(PerturbMeasured<false, false>{s.seed, s.offset});
     case Kernel::kPerturbSaveMeasured:
-      return fn(PerturbMeasured<true>{s.flag_a, s.seed, s.offset});
+      if (s.flag_a) return fn(PerturbMeasured<true, true>{s.seed, s.offset});
+      return fn(PerturbMeasured<true, false>{s.seed, s.offset});
   }
   throw std::invalid_argument("sama_ext: unknown kernel id " + std::to_string(int(s.kernel)));
 }

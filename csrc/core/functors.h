@@ -8,9 +8,10 @@
 //   apply(ctx, x, y)   reads x[kIn], writes y[kOut] (pre-loaded when kLoadsOut) and returns
 //                      v, whose square is summed (in double) over all elements when kReduces;
 // or, for the kIndexed functors (the measured perturbations),
-//   apply_at<Tout>(ctx, x, y, tensor, index)  writes the stored values y[kOut] itself (it
-//                      rounds to the storage type, stochastically if asked, which needs the
-//                      element's identity) and returns kSums (2) per-element terms to sum.
+//   apply_at<Tout>(ctx, x, y, tensor, index)  rounds y[kOut] to the storage type itself
+//                      (stochastically if asked, which needs the element's identity; y stays
+//                      in the math type, exactly representable in Tout) and returns kSums (2)
+//                      per-element terms to sum.
 // Math runs in A = float for fp32/bf16/fp16 storage and double for fp64 storage.
 #pragma once
 
@@ -237,33 +238,36 @@ struct AxpySave {
 // With `stochastic`, bfloat16/float16 storage is rounded stochastically (stochastic_round.h:
 // E[y] = x + a·v); float32/float64 storage always rounds to nearest, exactly as Axpy. a == 0
 // leaves x exactly as it was, even where v is not finite.
-template <bool kSave>
+// kStochastic is a template parameter, not a flag: the round-to-nearest instantiation must
+// vectorise like Axpy, which a (never taken) branch into the generator would prevent.
+template <bool kSave, bool kStochastic>
 struct PerturbMeasured {
   static constexpr int kIn = 2, kOut = 1 + kSave;  // x, v -> y[, backup]
   static constexpr bool kLoadsOut = false, kReduces = true;
   static constexpr int kSums = 2;  // Σ (y − x)·v, #(y ≠ x)
   static constexpr bool kIndexed = true;
-  bool stochastic;
+  static constexpr bool kStochasticRounding = kStochastic;
   uint64_t seed, offset;
 
   template <typename A> struct Ctx { A a; };
   template <typename A> SAMA_HD Ctx<A> prepare(double a, double) const { return Ctx<A>{A(a)}; }
+  // y[k] are the stored values, as A (exactly representable in Tout).
   template <typename Tout, typename A>
-  SAMA_HD Sums apply_at(const Ctx<A>& c, const A* x, Tout* y, int64_t tensor, int64_t index) const {
-    Tout out = from_math<Tout>(x[0]);
-    if (c.a != A(0)) {
-      out = from_math<Tout>(fused_mul_add(c.a, x[1], x[0]));
-      if constexpr (std::is_same<Tout, bf16>::value || std::is_same<Tout, fp16>::value) {
-        if (stochastic)
-          out = round_stochastic<Tout>(double(x[0]) + double(c.a) * double(x[1]),
-                                       rounding_draw(seed, offset, tensor, index));
-      }
+  SAMA_HD Sums apply_at(const Ctx<A>& c, const A* x, A* y, int64_t tensor, int64_t index) const {
+    A out = to_math(from_math<Tout>(c.a == A(0) ? x[0] : fused_mul_add(c.a, x[1], x[0])));  // as Axpy
+    if constexpr (kStochastic && (std::is_same<Tout, bf16>::value || std::is_same<Tout, fp16>::value)) {
+      const A sr = to_math(round_stochastic<Tout>(double(x[0]) + double(c.a) * double(x[1]),
+                                                  rounding_draw(seed, offset, tensor, index)));
+      out = c.a == A(0) ? out : sr;
     }
     y[0] = out;
-    if constexpr (kSave) y[1] = from_math<Tout>(x[0]);
-    const double diff = double(to_math(out)) - double(x[0]);
-    const bool moved = diff != 0.0;
-    return Sums{moved ? diff * double(x[1]) : 0.0, moved ? 1.0 : 0.0};
+    if constexpr (kSave) y[1] = x[0];
+    // No select on the product (it keeps GCC from vectorising the CPU loop): an element that did
+    // not move has diff = 0 and a finite v, hence a zero term — except at a == 0, where v may be
+    // anything and is replaced by 0.
+    const double diff = double(out) - double(x[0]);
+    const double prod = diff * double(c.a == A(0) ? A(0) : x[1]);
+    return Sums{prod, double(diff != 0.0)};
   }
 };
 

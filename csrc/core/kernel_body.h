@@ -219,10 +219,9 @@ SAMA_UNROLL
 SAMA_UNROLL
         for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(xin[k].v[j]);
         if constexpr (Op::kIndexed) {
-          Tout ys[Op::kOut];
-          add(op.template apply_at<Tout>(ctx, x, ys, w.tensor, w.begin + at + j));
+          add(op.template apply_at<Tout>(ctx, x, y, w.tensor, w.begin + at + j));
 SAMA_UNROLL
-          for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = ys[k];
+          for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = from_math<Tout>(y[k]);
         } else {
           if (Op::kLoadsOut) {
 SAMA_UNROLL

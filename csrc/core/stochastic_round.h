@@ -37,6 +37,11 @@ SAMA_HD void philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) 
 
 // Philox4x32-10 of counter (c0, c1, c2, c3) and key (k0, k1).
 SAMA_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 10  // unrolled before vectorisation: a loop inside the CPU loop's body blocks it
+#endif
   for (int r = 0; r < 10; ++r) {
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(0xD2511F53u, c0, &hi0, &lo0);
@@ -78,20 +83,22 @@ template <> struct Format16<fp16> { static constexpr int kMant = 10, kEmin = -14
 // y rounded stochastically to T (bf16 or fp16) with the 32-bit draw u (see the top of the file).
 template <typename T>
 SAMA_HD T round_stochastic(double y, uint32_t u) {
-  if (!(y - y == 0.0)) return from_math<T>(y);  // inf, NaN: as round-to-nearest
   uint64_t b;
 #if defined(__CUDA_ARCH__)
   b = uint64_t(__double_as_longlong(y));
 #else
   std::memcpy(&b, &y, sizeof b);
 #endif
+  // Branch-free (selects, no early return), so that the CPU loop vectorises.
   const int e = int((b >> 52) & 0x7ff) - 1023;  // floor(log2|y|) for normal y; below any emin otherwise
   const int q = (e < Format16<T>::kEmin ? Format16<T>::kEmin : e) - Format16<T>::kMant;
-  const double s = (y < 0 ? -y : y) * pow2(-q);
+  const int qc = q > 1016 ? 1016 : q;  // inf/NaN (e = 1024): any q; the select below returns y
+  const double s = (y < 0 ? -y : y) * pow2(-qc);
   const double n = floor(s);
   const double up = double(u) < (s - n) * 4294967296.0 ? 1.0 : 0.0;
-  const double r = (n + up) * pow2(q);
-  return from_math<T>((b >> 63) ? -r : r);  // exact (a representable value; past the range: inf); keeps −0
+  const double r = (n + up) * pow2(qc);
+  const double signed_r = (b >> 63) ? -r : r;  // keeps −0
+  return from_math<T>(y - y == 0.0 ? signed_r : y);  // exact (a representable value; past the range: inf)
 }
 
 }  // namespace sama

@@ -1028,8 +1028,8 @@ void test_philox_kat() {
 }
 
 // One call of a measured perturbation over one tensor of n elements (x, v -> y[, backup]).
-template <typename T, bool kSave>
-Sums run_measured(const PerturbMeasured<kSave>& op, const std::vector<T>& x, const std::vector<T>& v,
+template <typename T, bool kSave, bool kStochastic>
+Sums run_measured(const PerturbMeasured<kSave, kStochastic>& op, const std::vector<T>& x, const std::vector<T>& v,
                   std::vector<T>* y, std::vector<T>* backup, double scale, uint64_t parallel_seed) {
   const int64_t n = int64_t(x.size());
   const void* in[2] = {x.data(), v.data()};
@@ -1039,7 +1039,7 @@ Sums run_measured(const PerturbMeasured<kSave>& op, const std::vector<T>& x, con
   l.in = in;
   l.out = out;
   l.numel = &n;
-  return cpu_apply_sums<PerturbMeasured<kSave>, T, T>(op, l, ScalarArg{scale}, ScalarArg{},
+  return cpu_apply_sums<PerturbMeasured<kSave, kStochastic>, T, T>(op, l, ScalarArg{scale}, ScalarArg{},
                                                         TestFor{parallel_seed});
 }
 
@@ -1066,9 +1066,9 @@ void test_measured_type(uint64_t seed) {
     l.numel = &n;
     cpu_apply<Axpy, T, T>(Axpy{}, l, ScalarArg{scale}, ScalarArg{}, TestFor{});
   }
-  for (bool stochastic : {false, true}) {
-    const PerturbMeasured<true> op{stochastic, 99, 5};
-    const Sums s = run_measured<T, true>(op, x, v, &y, &backup, scale, 0);
+  auto check = [&](auto op) {
+    constexpr bool stochastic = decltype(op)::kStochasticRounding;
+    const Sums s = run_measured<T>(op, x, v, &y, &backup, scale, 0);
     long bad = 0;
     long double dot = 0.0L;
     double count = 0.0;
@@ -1087,7 +1087,7 @@ void test_measured_type(uint64_t seed) {
     CHECK_MSG(rel_diff(s.a, double(dot)) <= 1e-12, "measured %s: dot %.17g vs %.17g", name, s.a, double(dot));
     // the thread partition changes nothing, bits included
     std::vector<T> y2(static_cast<size_t>(n)), b2(static_cast<size_t>(n));
-    const Sums s2 = run_measured<T, true>(op, x, v, &y2, &b2, scale, seed * 3 + 1);
+    const Sums s2 = run_measured<T>(op, x, v, &y2, &b2, scale, seed * 3 + 1);
     long diff = 0;
     for (int64_t i = 0; i < n; ++i) diff += bits_of(y2[size_t(i)]) != bits_of(y[size_t(i)]);
     CHECK_MSG(diff == 0 && bits_of(s2.a) == bits_of(s.a) && s2.b == s.b, "measured %s: depends on the partition",
@@ -1096,11 +1096,13 @@ void test_measured_type(uint64_t seed) {
     std::vector<T> vn = v;
     vn[0] = store<T>(std::numeric_limits<double>::quiet_NaN());
     vn[1] = store<T>(std::numeric_limits<double>::infinity());
-    const Sums z = run_measured<T, true>(op, x, vn, &y2, &b2, 0.0, 0);
+    const Sums z = run_measured<T>(op, x, vn, &y2, &b2, 0.0, 0);
     long moved = 0;
     for (int64_t i = 0; i < n; ++i) moved += bits_of(y2[size_t(i)]) != bits_of(x[size_t(i)]);
     CHECK_MSG(moved == 0 && z.a == 0.0 && z.b == 0.0, "measured %s: zero scale moved %ld elements", name, moved);
-  }
+  };
+  check(PerturbMeasured<true, false>{99, 5});
+  check(PerturbMeasured<true, true>{99, 5});
 }
 
 // Stochastic rounding is unbiased: x on the grid, a·v of x's sign and below one grid step, so
@@ -1123,9 +1125,9 @@ void test_stochastic_unbiased(std::initializer_list<double> xs) {
       long double sum = 0.0L;
       int other = 0;
       for (int k = 0; k < kDraws; ++k) {
-        const PerturbMeasured<false> op{true, 2024, uint64_t(k)};
+        const PerturbMeasured<false, true> op{2024, uint64_t(k)};
         std::vector<T> x(1, xt), v(1, vt), y(1);
-        run_measured<T, false>(op, x, v, &y, nullptr, a, 0);
+        run_measured<T>(op, x, v, &y, nullptr, a, 0);
         const double got = as_double(y[0]);
         sum += got;
         other += got != xd && got != xn;
