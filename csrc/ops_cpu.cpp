@@ -1,5 +1,6 @@
 // Op schemas (TORCH_LIBRARY) and the CPU backend.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
@@ -11,7 +12,7 @@ namespace sama {
 at::Tensor run_cpu(const OpSpec& spec, CheckedCall& c, bool reduce) {
   auto parallel = [](int64_t begin, int64_t end, auto&& fn) { at::parallel_for(begin, end, 1, fn); };
   bind_scalars(c);
-  double total = 0.0;
+  Sums total;
   for (const Group& g : c.groups) {  // group order is fixed: the sum is deterministic
     const Lists l = g.lists();
     with_functor(spec, [&](auto op) {
@@ -19,12 +20,19 @@ at::Tensor run_cpu(const OpSpec& spec, CheckedCall& c, bool reduce) {
       with_types<Op>(g.in_dtype, g.out_dtype, [&](auto tin, auto tout) {
         using Tin = typename decltype(tin)::type;
         using Tout = typename decltype(tout)::type;
-        total += cpu_apply<Op, Tin, Tout>(op, l, g.s0, g.s1, parallel);
+        const Sums s = cpu_apply_sums<Op, Tin, Tout>(op, l, g.s0, g.s1, parallel);
+        total.a += s.a;
+        total.b += s.b;
       });
     });
   }
   if (!reduce) return at::Tensor();
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  if (n_sums(spec) < 2) return at::scalar_tensor(total.a, opts);
+  at::Tensor out = at::empty({2}, opts);  // [Σ (θ_new − θ_src)·v, #moved]
+  out.data_ptr<double>()[0] = total.a;
+  out.data_ptr<double>()[1] = total.b;
+  return out;
 }
 
 }  // namespace sama

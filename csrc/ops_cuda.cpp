@@ -22,10 +22,11 @@ at::Tensor run_cuda(const OpSpec& spec, CheckedCall& c, bool reduce) {
     n_items += int64_t(plans.back().items.size());
   }
   const auto opts = at::TensorOptions().dtype(at::kDouble).device(c.device);
+  const int sums = reduce ? n_sums(spec) : 0;
   at::Tensor partials, result;
-  if (reduce) {
-    partials = at::empty({std::max<int64_t>(n_items, 1)}, opts);
-    result = at::empty({}, opts);
+  if (reduce) {  // the second sum's partials (measured perturbations) after the first's
+    partials = at::empty({std::max<int64_t>(n_items, 1) * sums}, opts);
+    result = sums < 2 ? at::empty({}, opts) : at::empty({2}, opts);
   }
   int64_t offset = 0;
   for (size_t i = 0; i < c.groups.size(); ++i) {
@@ -38,12 +39,15 @@ at::Tensor run_cuda(const OpSpec& spec, CheckedCall& c, bool reduce) {
     call.s1 = c.groups[i].s1;
     call.plan = &plans[i];
     call.partials = reduce ? partials.data_ptr<double>() : nullptr;
+    call.partials_b = sums > 1 ? partials.data_ptr<double>() + n_items : nullptr;
     call.partial_offset = offset;
     cuda_run(call, stream);
     offset += int64_t(plans[i].items.size());
   }
   if (!reduce) return at::Tensor();
   cuda_sum_partials(partials.data_ptr<double>(), n_items, result.data_ptr<double>(), stream);
+  if (sums > 1)
+    cuda_sum_partials(partials.data_ptr<double>() + n_items, n_items, result.data_ptr<double>() + 1, stream);
   return result;
 }
 

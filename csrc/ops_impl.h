@@ -37,6 +37,12 @@
   X(perturb_save_,                                                                                            \
     "perturb_save_(Tensor(a!)[] params, Tensor[] vectors, Tensor(b!)[] backups, float scale, "                \
     "Tensor? scale_tensor) -> ()")                                                                            \
+  X(perturb_from_measured_,                                                                                   \
+    "perturb_from_measured_(Tensor(a!)[] params, Tensor[] sources, Tensor[] vectors, float scale, "            \
+    "Tensor? scale_tensor, bool stochastic, int seed, int offset) -> Tensor")                                 \
+  X(perturb_save_measured_,                                                                                   \
+    "perturb_save_measured_(Tensor(a!)[] params, Tensor[] vectors, Tensor(b!)[] backups, float scale, "       \
+    "Tensor? scale_tensor, bool stochastic, int seed, int offset) -> Tensor")                                 \
   X(combine_,                                                                                                 \
     "combine_(Tensor(a!)[] out, Tensor[] g_minus, Tensor[] g_plus, Tensor eps, float scale, bool accumulate) " \
     "-> ()")
@@ -171,6 +177,38 @@ void perturb_save_(at::TensorList params, at::TensorList vectors, at::TensorList
                              {{"params", params}, {"backups", backups}}, {"scale", scale, scale_tensor},
                              {"unused", 0.0, std::nullopt});
   Run(spec, c, false);
+}
+
+// The measured perturbations (issue 18): perturb_from_ / perturb_save_ that also return, as a
+// float64 tensor [Σ (θ_new − θ_src)·v, #(θ_new ≠ θ_src)], and optionally round bfloat16/float16
+// θ stochastically (E[θ_new] = θ_src + scale·v), keyed by seed, offset, the tensor's index in
+// the lists and the element's index within it (csrc/core/stochastic_round.h).
+inline OpSpec measured_spec(Kernel k, bool stochastic, int64_t seed, int64_t offset) {
+  OpSpec spec;
+  spec.kernel = k;
+  spec.flag_a = stochastic;
+  spec.seed = uint64_t(seed);
+  spec.offset = uint64_t(offset);
+  return spec;
+}
+
+template <Runner Run>
+at::Tensor perturb_from_measured_(at::TensorList params, at::TensorList sources, at::TensorList vectors, double scale,
+                                  const OptTensor& scale_tensor, bool stochastic, int64_t seed, int64_t offset) {
+  const OpSpec spec = measured_spec(Kernel::kPerturbMeasured, stochastic, seed, offset);
+  CheckedCall c = check_call("perturb_from_measured_", spec, {{"sources", sources}, {"vectors", vectors}},
+                             {{"params", params}}, {"scale", scale, scale_tensor}, {"unused", 0.0, std::nullopt});
+  return Run(spec, c, true);
+}
+
+template <Runner Run>
+at::Tensor perturb_save_measured_(at::TensorList params, at::TensorList vectors, at::TensorList backups, double scale,
+                                  const OptTensor& scale_tensor, bool stochastic, int64_t seed, int64_t offset) {
+  const OpSpec spec = measured_spec(Kernel::kPerturbSaveMeasured, stochastic, seed, offset);
+  CheckedCall c = check_call("perturb_save_measured_", spec, {{"params", params}, {"vectors", vectors}},
+                             {{"params", params}, {"backups", backups}}, {"scale", scale, scale_tensor},
+                             {"unused", 0.0, std::nullopt});
+  return Run(spec, c, true);
 }
 
 template <Runner Run>

@@ -151,3 +151,22 @@ def test_small_lm_keeps_direction_at_defaults(dtype, record_property):
     assert not bool(info.skipped)
     assert c >= 0.95
     assert 0.5 < float(got.norm() / truth.norm()) < 2.0
+
+
+def test_15m_bf16_lm_matches_float64_at_defaults(record_property):
+    """Issue 18's missing size: the 14.7M-parameter decoder (tiny_lm "15M") in bfloat16, params and
+    AdamW state, 5 weighted AdamW steps on batches of 8 sequences; λ.grad at the default settings
+    (stochastic rounding of θ±, the realized divisor) against the same meta step on the same values
+    in float64 (the issue's comparison), and against the exact quantity by double backward."""
+    run = setup("15M", torch.bfloat16, seed=0, steps=5, batch=8)
+    run64 = as_float64(run)
+    want, info64 = meta_grad(run64)
+    assert not bool(info64.skipped)
+    precision.manual_seed(0)
+    got, info = meta_grad(run)
+    c = cosine(got, want)
+    record_property("cos_f64", c)
+    assert not bool(info.skipped) and not bool(info.lost)
+    assert 0 < int(info.moved) < sum(p.numel() for p in run.theta)
+    assert c >= 0.95
+    assert 0.5 < float(got.norm() / want.norm()) < 2.0

@@ -554,9 +554,10 @@ def test_batchnorm_restored_through_a_compiled_module():
 
 
 def test_error_inside_the_perturbation_leaves_theta_exact(monkeypatch):
-    """An error (e.g. out of memory) part-way through perturbing a model of mixed dtypes: every
-    param, those already perturbed included, is back to θ bit for bit."""
-    from sama_ext import precision
+    """An error (e.g. out of memory) while θ of a model of mixed dtypes is perturbed (θ⁺ written,
+    the θ⁻ pass fails): every param is back to θ bit for bit. (Each perturbation is one fused call
+    that checks all its tensors before writing any, so an error cannot stop one part-way.)"""
+    from sama_ext import ops
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8).bfloat16(), nn.Linear(8, 3))
@@ -578,15 +579,21 @@ def test_error_inside_the_perturbation_leaves_theta_exact(monkeypatch):
         opt.step()
     theta0 = [p.detach().clone() for p in net.parameters()]
     calls = [0]
-    real = precision._axpy_stochastic
+    real = ops.perturb_from_measured_
 
-    def fails_on_second(*a, **k):
+    def fails_on_second(*a, **k):  # the θ⁻ pass: after θ⁺ (from perturb_save_measured_) is in place
         calls[0] += 1
         if calls[0] == 2:
             raise torch.OutOfMemoryError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(precision, "_axpy_stochastic", fails_on_second)
+    def counts_save(*a, **k):
+        calls[0] += 1
+        return real_save(*a, **k)
+
+    real_save = ops.perturb_save_measured_
+    monkeypatch.setattr(ops, "perturb_save_measured_", counts_save)
+    monkeypatch.setattr(ops, "perturb_from_measured_", fails_on_second)
     with pytest.raises(torch.OutOfMemoryError):
         sama_ext.meta_step(list(net.parameters()), opt, list(wnet.parameters()), base, lambda: per_sample().mean())
     assert calls[0] == 2

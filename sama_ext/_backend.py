@@ -103,6 +103,11 @@ def _register_fakes() -> None:
 
     for name in ("adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt"):
         torch.library.register_fake(f"sama_ext::{name}")(reducing)
+    def measured(*args, **kwargs):  # [Σ (θ_new − θ_src)·v, #moved]
+        return args[0][0].new_empty((2,), dtype=torch.float64)
+
     for name in ("perturb_", "perturb_from_", "perturb_save_", "combine_"):
         torch.library.register_fake(f"sama_ext::{name}")(in_place)
+    for name in ("perturb_from_measured_", "perturb_save_measured_"):
+        torch.library.register_fake(f"sama_ext::{name}")(measured)
     _fakes_done = True

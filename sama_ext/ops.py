@@ -26,7 +26,7 @@ from . import reference
 from ._backend import backend, check_device, compiled
 
 __all__ = ["adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt", "perturb_", "perturb_from_",
-           "perturb_save_", "combine_"]
+           "perturb_save_", "perturb_from_measured_", "perturb_save_measured_", "combine_"]
 
 
 def _compiled() -> bool:
@@ -292,6 +292,53 @@ def perturb_save_(params, vectors, backups, scale) -> None:
 
     _run("perturb_save_", groups, op_args,
          lambda fn, g: fn(g["params"], g["vectors"], g["backups"], scale), reduce=False)
+
+
+def _measured_result(total: Tensor) -> tuple[Tensor, Tensor]:
+    return total[0], total[1].to(torch.int64)
+
+
+def _seed_arg(x) -> int:
+    """A 64-bit seed or offset as the schema's signed int (same bits)."""
+    x = int(x) & (2**64 - 1)
+    return x - 2**64 if x >= 2**63 else x
+
+
+def perturb_from_measured_(params, sources, vectors, scale, *, stochastic: bool = False, seed: int = 0,
+                           offset: int = 0) -> tuple[Tensor, Tensor]:
+    """θ = source + scale·v as `perturb_from_`, and from the same pass (issue 18) the realized
+    perturbation: (Σ (θ − source)·v over the elements that changed, float64; how many changed,
+    int64), 0-dim tensors on the first tensor's device. `stochastic`: bfloat16/float16 θ is
+    rounded stochastically, E[θ] = source + scale·v, with a counter-based generator keyed by
+    (seed, offset, the tensor's index in the lists — per device when the lists span devices —,
+    the element's index in the tensor): the same bits on every backend and launch geometry.
+    float32/float64 θ rounds to nearest either way. A zero scale leaves θ as it is."""
+    groups = _by_device("perturb_from_measured_", dict(params=params, sources=sources, vectors=vectors))
+    st, sd, off = bool(stochastic), _seed_arg(seed), _seed_arg(offset)
+
+    def op_args(g):
+        return (g["params"], g["sources"], g["vectors"],
+                *_scalar("perturb_from_measured_", "scale", scale, _device_of_group(g)), st, sd, off)
+
+    return _measured_result(_run("perturb_from_measured_", groups, op_args,
+                                 lambda fn, g: fn(g["params"], g["sources"], g["vectors"], scale, st, sd, off),
+                                 reduce=True))
+
+
+def perturb_save_measured_(params, vectors, backups, scale, *, stochastic: bool = False, seed: int = 0,
+                           offset: int = 0) -> tuple[Tensor, Tensor]:
+    """backup = θ, then θ += scale·v (as `perturb_save_`), measured and rounded as
+    `perturb_from_measured_` (against the backup)."""
+    groups = _by_device("perturb_save_measured_", dict(params=params, vectors=vectors, backups=backups))
+    st, sd, off = bool(stochastic), _seed_arg(seed), _seed_arg(offset)
+
+    def op_args(g):
+        return (g["params"], g["vectors"], g["backups"],
+                *_scalar("perturb_save_measured_", "scale", scale, _device_of_group(g)), st, sd, off)
+
+    return _measured_result(_run("perturb_save_measured_", groups, op_args,
+                                 lambda fn, g: fn(g["params"], g["vectors"], g["backups"], scale, st, sd, off),
+                                 reduce=True))
 
 
 def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: bool = False) -> None:

@@ -17,18 +17,22 @@ backup of θ, v) and derives
 and, for bfloat16 and float16 params, rounds θ± = θ ± εv *stochastically* (up with probability
 equal to the fraction of the ulp covered, so that E[θ±] = θ ± εv exactly): an element whose |εvᵢ|
 is below half an ulp still moves in expectation, where round-to-nearest drops it every time. That
-was the better of the measured candidates (docs/precision.md). `rounding = "nearest"` restores the
-kernels' round-to-nearest everywhere; float32/float64 params always round to nearest.
+was the better of the measured candidates (docs/precision.md). `rounding = "nearest"` restores
+round-to-nearest everywhere; float32/float64 params always round to nearest.
+
+Both the rounding and the measurement happen inside the fused perturbation kernels
+(`ops.perturb_save_measured_` / `ops.perturb_from_measured_`): the pass that writes θ± also
+returns Σ(θ± − θ)·v and the number of elements that changed, so measuring costs no extra pass.
+The random bits come from a counter-based generator (Philox4x32-10) keyed by this module's seed
+(`manual_seed`), a private call counter, the tensor's index and the element's index: never the
+user's RNG, and the same bits on CPU, CUDA and the reference backend.
 
 Everything stays on the device (no host synchronisation): the results are 0-dim tensors combined
 with torch.where.
-
-Cost: each `moved` call is one extra read pass over θ, the backup and v (here in Python; the
-fused perturb kernels could return the same two reductions from the pass they already make, as
-the adapt kernel returns Σv² — see docs/precision.md).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -38,87 +42,49 @@ from . import ops
 
 __all__ = ["moved", "realized_eps", "unchanged_grads", "perturb_save_", "perturb_from_", "manual_seed", "rounding"]
 
-# "auto": stochastic rounding of θ± for bfloat16/float16 params, the fused kernels' round-to-nearest
-# otherwise; "nearest": round-to-nearest for every dtype.
+# "auto": stochastic rounding of θ± for bfloat16/float16 params, round-to-nearest otherwise;
+# "nearest": round-to-nearest for every dtype.
 rounding = "auto"
 STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
 _SEED = 0x5A3A
-_generators: dict[torch.device, torch.Generator] = {}
+_calls = itertools.count()  # the generator's offset: one fresh stream of draws per perturbation
 
 
 def manual_seed(seed: int) -> None:
-    """Reseed the private generators of the stochastic rounding (the user's RNG is never used)."""
-    global _SEED
+    """Reseed the stochastic rounding (its own counter-based generator; the user's RNG is never
+    used) and restart its call counter, so that a run repeats its roundings."""
+    global _SEED, _calls
     _SEED = int(seed)
-    _generators.clear()
+    _calls = itertools.count()
 
 
-def _generator(device: torch.device) -> torch.Generator:
-    g = _generators.get(device)
-    if g is None:
-        g = _generators[device] = torch.Generator(device).manual_seed(_SEED)
-    return g
-
-
-def _stochastic(p: Tensor) -> bool:
+def _stochastic() -> bool:
     if rounding not in ("auto", "nearest"):
         raise ValueError(f"sama_ext.precision.rounding must be 'auto' or 'nearest', not {rounding!r}")
-    return rounding == "auto" and p.dtype in STOCHASTIC_DTYPES
+    return rounding == "auto"  # the kernels round only bfloat16/float16 tensors stochastically
 
 
-@torch.no_grad()
-def _axpy_stochastic(src: Tensor, v: Tensor, scale: Tensor) -> Tensor:
-    """src + scale·v rounded stochastically to src's (16-bit) dtype. The sum is formed in float32,
-    exact to 2⁻²⁴ relative, far below the 2⁻⁸ / 2⁻¹¹ of the ulp being split. A zero scale leaves
-    src as it is, even where v is not finite."""
-    s = scale.to(device=src.device, dtype=torch.float32)
-    x = src.float() + s * v.float()
-    near = x.to(src.dtype)
-    toward = torch.where(near.float() < x, torch.full_like(near, float("inf")), torch.full_like(near, -float("inf")))
-    other = torch.nextafter(near, toward)
-    gap = (other.float() - near.float()).abs()
-    prob = torch.where(gap > 0, (x - near.float()).abs() / gap, 0.0)
-    u = torch.rand(x.shape, generator=_generator(src.device), device=src.device, dtype=torch.float32)
-    out = torch.where(u < prob, other, near)
-    return torch.where(s == 0, src, out)
+def perturb_save_(params: Sequence[Tensor], vectors: Sequence[Tensor], backups: Sequence[Tensor],
+                  scale: Tensor) -> tuple[Tensor, Tensor]:
+    """backup = θ, then θ = θ + scale·v in one fused pass (stochastic rounding for 16-bit params
+    unless `rounding == "nearest"`); returns (Σ (θ − backup)·v in float64, #(θ ≠ backup) as int64),
+    as `moved` would. Checked before it writes: all of θ is written, or none."""
+    return ops.perturb_save_measured_(params, vectors, backups, scale, stochastic=_stochastic(), seed=_SEED,
+                                      offset=next(_calls))
 
 
-def perturb_save_(params: Sequence[Tensor], vectors: Sequence[Tensor], backups: Sequence[Tensor], scale: Tensor) -> None:
-    """backup = θ, then θ = θ + scale·v: `ops.perturb_save_` (round-to-nearest), or stochastic
-    rounding for 16-bit params (Python prototype of a kernel variant, docs/precision.md)."""
-    sr = [_stochastic(p) for p in params]
-    near = [i for i, f in enumerate(sr) if not f]
-    rest = [i for i, f in enumerate(sr) if f]
-    with torch.no_grad():
-        if rest:  # every backup before any θ changes: an error below can then undo everything
-            torch._foreach_copy_([backups[i] for i in rest], [params[i] for i in rest])
-        if near:  # one fused call: checked before it writes, so it writes all or nothing
-            ops.perturb_save_([params[i] for i in near], [vectors[i] for i in near], [backups[i] for i in near],
-                              scale)
-        try:
-            for i in rest:
-                params[i].copy_(_axpy_stochastic(backups[i], vectors[i], scale))
-        except BaseException:  # e.g. out of memory in a temporary: all of θ back, then raise
-            torch._foreach_copy_(list(params), list(backups))
-            raise
-
-
-def perturb_from_(params: Sequence[Tensor], sources: Sequence[Tensor], vectors: Sequence[Tensor], scale: Tensor) -> None:
-    """θ = source + scale·v, rounded as in `perturb_save_`."""
-    sr = [_stochastic(p) for p in params]
-    near = [i for i, f in enumerate(sr) if not f]
-    if near:
-        ops.perturb_from_([params[i] for i in near], [sources[i] for i in near], [vectors[i] for i in near], scale)
-    with torch.no_grad():
-        for p, src, v, f in zip(params, sources, vectors, sr):
-            if f:
-                p.copy_(_axpy_stochastic(src, v, scale))
+def perturb_from_(params: Sequence[Tensor], sources: Sequence[Tensor], vectors: Sequence[Tensor],
+                  scale: Tensor) -> tuple[Tensor, Tensor]:
+    """θ = source + scale·v, rounded as in `perturb_save_`; returns (Σ (θ − source)·v, #(θ ≠ source))."""
+    return ops.perturb_from_measured_(params, sources, vectors, scale, stochastic=_stochastic(), seed=_SEED,
+                                      offset=next(_calls))
 
 
 @torch.no_grad()
 def moved(params: Sequence[Tensor], backups: Sequence[Tensor], vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """(Σ (θᵢ − backupᵢ)·vᵢ in float64, number of elements with θᵢ ≠ backupᵢ as int64), on the
-    params' device. Elements that did not move contribute exactly 0 (also where v is not finite)."""
+    params' device. Elements that did not move contribute exactly 0 (also where v is not finite).
+    A separate read pass: `perturb_save_` / `perturb_from_` return the same from their own pass."""
     dev = params[0].device
     dot = torch.zeros((), dtype=torch.float64, device=dev)
     count = torch.zeros((), dtype=torch.int64, device=dev)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["adam_adapt", "const_adapt", "rmsprop_adapt", "adagrad_adapt", "perturb_", "perturb_from_",
-           "perturb_save_", "combine_"]
+           "perturb_save_", "perturb_from_measured_", "perturb_save_measured_", "combine_", "rounding_draws",
+           "round_stochastic"]
 
 SAFEGUARDS = {"none": 0, "zero_unseen": 1}
 
@@ -261,6 +262,97 @@ def perturb_save_(params, vectors, backups, scale) -> None:
             p.copy_(_axpy(b, v, scale))
 
 
+# ----------------------------------------------------------------------------- measured perturbations
+# The same steps as csrc/core/stochastic_round.h, in int64 tensors holding 32-bit words (a 32×32
+# product is formed from 16-bit halves so that nothing overflows int64).
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    lo_part = m * (x & 0xFFFF)      # < 2^48
+    t = m * (x >> 16) + (lo_part >> 16)  # < 2^49: the product is t·2^16 + (lo_part & 0xFFFF)
+    return t >> 16, ((t & 0xFFFF) << 16) | (lo_part & 0xFFFF)
+
+
+def _philox_word(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> Tensor:
+    """Philox4x32-10, first output word (Salmon et al., SC'11)."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0
+
+
+def rounding_draws(seed: int, offset: int, tensor: int, numel: int, device=None) -> Tensor:
+    """The 32-bit draws (as int64) of elements 0..numel-1 of tensor `tensor` for (seed, offset)."""
+    seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    full = lambda v: torch.full_like(idx, v)  # noqa: E731
+    return _philox_word(idx & _M32, idx >> 32, full(int(tensor) & _M32), full(offset & _M32),
+                        seed & _M32, (seed >> 32) & _M32)
+
+
+_FORMAT16 = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}
+
+
+def round_stochastic(y: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 y rounded stochastically to bfloat16/float16 with 32-bit draws u (int64):
+    sign(y)·(n + [u < f·2^32])·2^q, |y|·2^-q = n + f, q the exponent of the target's ulp at |y|."""
+    mant, emin = _FORMAT16[dtype]
+    bits = y.view(torch.int64)
+    e = ((bits >> 52) & 0x7FF) - 1023
+    q = torch.clamp(e, min=emin) - mant
+    s = y.abs() * torch.ldexp(torch.ones_like(y), -q)
+    n = torch.floor(s)
+    up = (u.double() < (s - n) * 4294967296.0).double()
+    r = (n + up) * torch.ldexp(torch.ones_like(y), q)
+    r = torch.where(bits < 0, -r, r)
+    r = torch.where(torch.isfinite(y), r, y)  # inf, NaN: as round-to-nearest
+    return r.to(dtype)
+
+
+def _measured(params, sources, vectors, scale, stochastic: bool, seed: int, offset: int, backups=None) -> Tensor:
+    """θ = source + scale·v (rounded as csrc/core/functors.h PerturbMeasured); returns
+    [Σ (θ − source)·v over the elements that moved, #moved] as float64."""
+    dev = params[0].device
+    dot = torch.zeros((), dtype=torch.float64, device=dev)
+    count = torch.zeros((), dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for t, (p, src, v) in enumerate(zip(params, sources, vectors)):
+            if backups is not None:
+                backups[t].copy_(p)
+                src = backups[t]
+            new = _axpy(src, v, scale).to(p.dtype)
+            if stochastic and p.dtype in _FORMAT16:
+                a = _scalar(scale, _math(src))
+                a = torch.as_tensor(_round_host(a, torch.float32) if not isinstance(a, Tensor) else a,
+                                    dtype=torch.float32, device=dev).double()
+                y = src.double() + a * v.float().double()
+                u = rounding_draws(seed, offset, t, src.numel(), dev).reshape(src.shape)
+                sr = round_stochastic(y, u, p.dtype)
+                new = torch.where(a == 0, new, sr)
+            diff = new.double() - src.double()
+            moved = diff != 0
+            dot = dot + torch.where(moved, diff * _math(v).double(), 0.0).sum().to(dev)
+            count = count + moved.sum().to(dev)
+            p.copy_(new)
+    return torch.stack([dot, count])
+
+
+def perturb_from_measured_(params, sources, vectors, scale, stochastic: bool = False, seed: int = 0,
+                           offset: int = 0) -> Tensor:
+    """θ = source + scale·v, measured (see `_measured`)."""
+    return _measured(params, sources, vectors, scale, stochastic, seed, offset)
+
+
+def perturb_save_measured_(params, vectors, backups, scale, stochastic: bool = False, seed: int = 0,
+                           offset: int = 0) -> Tensor:
+    """backup = θ; θ += scale·v, measured against the backup."""
+    return _measured(params, params, vectors, scale, stochastic, seed, offset, backups=backups)
+
+
 def combine_(out, g_minus, g_plus, eps: Tensor, scale: float = 1.0, accumulate: bool = False) -> None:
     """out (+)= scale·(g⁻ − g⁺)/(2ε); ε zero or non-finite contributes nothing."""
     with torch.no_grad():
@@ -321,6 +413,17 @@ def check_perturb_from_(params, sources, vectors, scale) -> None:
 def check_perturb_save_(params, vectors, backups, scale) -> None:
     _one("perturb_save_", "scale", scale)
     _check("perturb_save_", [("params", params), ("vectors", vectors)], [("params", params), ("backups", backups)])
+
+
+def check_perturb_from_measured_(params, sources, vectors, scale, *_, **__) -> None:
+    _one("perturb_from_measured_", "scale", scale)
+    _check("perturb_from_measured_", [("sources", sources), ("vectors", vectors)], [("params", params)])
+
+
+def check_perturb_save_measured_(params, vectors, backups, scale, *_, **__) -> None:
+    _one("perturb_save_measured_", "scale", scale)
+    _check("perturb_save_measured_", [("params", params), ("vectors", vectors)],
+           [("params", params), ("backups", backups)])
 
 
 def check_combine_(out, g_minus, g_plus, eps, scale=1.0, accumulate=False) -> None:

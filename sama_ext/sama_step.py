@@ -217,17 +217,15 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     rec.replay()
                     _set_rng_states(rng)  # same dropout masks etc. in every evaluation
                 with signals_deferred():  # "θ perturbed" and "backup valid" become true together
-                    precision.perturb_save_(theta, v, backup, eps)  # θ⁺ = θ + εv, backup = θ
+                    # θ⁺ = θ + εv, backup = θ; the same pass measures what rounding left of εv
+                    dot_p, moved_p = precision.perturb_save_(theta, v, backup, eps)
                     saved = True
-                if measure:  # what rounding to 16 bits left of ±εv (one extra read of θ, backup, v)
-                    dot_p, moved_p = precision.moved(theta, backup, v)
                 with local():
                     g_plus = _meta_grads(base_loss, lam)
                 rec.replay()
                 _set_rng_states(rng)
-                precision.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding from θ
+                dot_m, moved_m = precision.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding
                 if measure:
-                    dot_m, moved_m = precision.moved(theta, backup, v)
                     eps_r, lost = precision.realized_eps(dot_p, -dot_m, sumsq, moved_p, moved_m, eps)
                 else:  # float32/float64: the perturbation is εv to working precision
                     eps_r, lost, moved_p = eps, torch.zeros_like(ok), None

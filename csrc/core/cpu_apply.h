@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "functors.h"
 #include "launch_plan.h"
 
 namespace sama {
@@ -64,13 +65,33 @@ struct ChunkPointers {
   }
 };
 
+// One element as a reduction term: the functor's v squared (in double: ‖v‖² without fp32
+// rounding of v²), or the kIndexed functors' own terms (they also get the element's tensor id
+// and its index within the tensor).
 template <typename Op, typename Tin, typename Tout, typename A>
-double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
-                 int64_t begin, int64_t end) {
+SAMA_HD Sums element_sums(const Op& f, const typename Op::template Ctx<A>& c, const Tin* const* in,
+                          Tout* const* out, int64_t i, int64_t tensor, int64_t index) {
+  if constexpr (Op::kIndexed) {
+    A x[Op::kIn];
+    A y[Op::kOut];
+    for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(in[k][i]);
+    const Sums s = f.template apply_at<Tout>(c, x, y, tensor, index);
+    for (int k = 0; k < Op::kOut; ++k) out[k][i] = from_math<Tout>(y[k]);
+    return s;
+  } else {
+    const double r = double(cpu_element<Op, Tin, Tout, A>(f, c, in, out, i));
+    return Sums{Op::kReduces ? r * r : 0.0, 0.0};
+  }
+}
+
+template <typename Op, typename Tin, typename Tout, typename A>
+Sums cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Lists& l, int64_t t,
+               int64_t begin, int64_t end) {
   const ChunkPointers<Op, Tin, Tout> p(l, t, begin);
   const Tin* const* in = p.in;
   Tout* const* out = p.out;
   const int64_t len = end - begin;
+  const int64_t tensor = l.id(t);
   // Local copies: stores through out[] could alias the functor's and context's float fields
   // as far as the compiler knows.
   const Op f = op;
@@ -79,32 +100,37 @@ double cpu_chunk(const Op& op, const typename Op::template Ctx<A>& ctx, const Li
   // fixed by the source, not by the vector width the compiler picks. `omp simd` on the block
   // asserts what the compiler cannot prove: element i's stores never feed another element's
   // loads (in place, out[0] == in[0], only at the same index).
-  double lane[kCpuLanes] = {};
+  double lane[kCpuLanes] = {}, lane_b[kCpuLanes] = {};
   int64_t i0 = 0;
   for (; i0 + kCpuLanes <= len; i0 += kCpuLanes) {
 #pragma omp simd
     for (int j = 0; j < kCpuLanes; ++j) {
-      const double r = double(cpu_element<Op, Tin, Tout, A>(f, c, in, out, i0 + j));
-      if (Op::kReduces) lane[j] += r * r;  // squared in double: ‖v‖² without fp32 rounding of v²
+      const Sums r = element_sums<Op, Tin, Tout, A>(f, c, in, out, i0 + j, tensor, begin + i0 + j);
+      if (Op::kSums > 0) lane[j] += r.a;
+      if (Op::kSums > 1) lane_b[j] += r.b;
     }
   }
-  double acc = 0.0;
+  Sums acc;
   for (int64_t i = i0; i < len; ++i) {
-    const double r = double(cpu_element<Op, Tin, Tout, A>(f, c, in, out, i));
-    if (Op::kReduces) acc += r * r;
+    const Sums r = element_sums<Op, Tin, Tout, A>(f, c, in, out, i, tensor, begin + i);
+    if (Op::kSums > 0) acc.a += r.a;
+    if (Op::kSums > 1) acc.b += r.b;
   }
-  for (int j = 0; j < kCpuLanes; ++j) acc += lane[j];
+  for (int j = 0; j < kCpuLanes; ++j) {
+    acc.a += lane[j];
+    acc.b += lane_b[j];
+  }
   return acc;
 }
 
 // parallel_for(begin, end, fn(b, e)) is supplied by the caller (at::parallel_for in the
 // torch glue, a serial loop in the C++ tests), keeping this file free of any runtime.
 template <typename Op, typename Tin, typename Tout, typename ParallelFor>
-double cpu_apply(const Op& op, const Lists& l, ScalarArg s0, ScalarArg s1, ParallelFor&& parallel_for) {
+Sums cpu_apply_sums(const Op& op, const Lists& l, ScalarArg s0, ScalarArg s1, ParallelFor&& parallel_for) {
   using A = math_t<Tin>;
   const Plan plan = make_plan(l.numel, l.n_tensors, kCpuChunk, INT32_MAX, INT32_MAX);
   const int64_t n_items = int64_t(plan.items.size());
-  std::vector<double> partial(size_t(n_items), 0.0);
+  std::vector<Sums> partial(static_cast<size_t>(n_items));
   parallel_for(int64_t(0), n_items, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const WorkItem& it = plan.items[size_t(i)];
@@ -115,9 +141,18 @@ double cpu_apply(const Op& op, const Lists& l, ScalarArg s0, ScalarArg s1, Paral
       partial[size_t(i)] = cpu_chunk<Op, Tin, Tout, A>(op, ctx, l, t, begin, end);
     }
   });
-  double sum = 0.0;
-  for (double p : partial) sum += p;
+  Sums sum;
+  for (const Sums& p : partial) {
+    sum.a += p.a;
+    sum.b += p.b;
+  }
   return sum;
+}
+
+// The first sum (Σv² of the adapt functors; 0 for the perturbations and combine).
+template <typename Op, typename Tin, typename Tout, typename ParallelFor>
+double cpu_apply(const Op& op, const Lists& l, ScalarArg s0, ScalarArg s1, ParallelFor&& parallel_for) {
+  return cpu_apply_sums<Op, Tin, Tout>(op, l, s0, s1, parallel_for).a;
 }
 
 }  // namespace sama

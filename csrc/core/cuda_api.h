@@ -31,6 +31,7 @@ struct CudaCall {
   ScalarArg s0, s1;             // .ptr are device pointers
   const Plan* plan = nullptr;   // made with kCudaChunk, cuda_max_slots(), kCudaMaxItems
   double* partials = nullptr;   // device; one slot per work item when the op reduces
+  double* partials_b = nullptr; // device; the same for the second sum (ops with kSums == 2)
   int64_t partial_offset = 0;   // where this call's items start in partials
 };
 

@@ -10,7 +10,8 @@
 
 namespace sama {
 
-enum class Kernel : int { kAdam = 0, kConst, kRmsprop, kAdagrad, kAxpy, kAxpySave, kCombine };
+enum class Kernel : int { kAdam = 0, kConst, kRmsprop, kAdagrad, kAxpy, kAxpySave, kCombine, kPerturbMeasured,
+                          kPerturbSaveMeasured };
 
 struct OpSpec {
   Kernel kernel = Kernel::kAxpy;
@@ -19,6 +20,8 @@ struct OpSpec {
   int decay = 0;        // RMSprop: kNoDecay, kDecayPlain (θ an input), kDecayMomentum (θ, buf)
   double h[5] = {0, 0, 0, 0, 0};
   int safeguard = kSafeguardNone;
+  // Measured perturbations: stochastic rounding (flag_a) keyed by seed and offset.
+  uint64_t seed = 0, offset = 0;
 };
 
 template <typename T> struct TypeTag { using type = T; };
@@ -29,7 +32,8 @@ template <bool B> struct MixedOutput<Combine<B>> { static constexpr bool value =
 
 // Calls fn(functor) with the concrete functor of spec. Hyperparameter slots per kernel:
 //   Adam: β1, β2, eps, wd, sign · Const: factor · RMSprop: α, eps, wd, sign ·
-//   Adagrad: lr_decay, eps, wd, sign · Axpy, AxpySave, Combine: none.
+//   Adagrad: lr_decay, eps, wd, sign · Axpy, AxpySave, Combine: none · the measured
+//   perturbations: none (flag_a: stochastic rounding; seed, offset).
 template <typename Fn> decltype(auto) with_functor(const OpSpec& s, Fn&& fn) {
   const double* h = s.h;
   switch (s.kernel) {
@@ -58,6 +62,12 @@ template <typename Fn> decltype(auto) with_functor(const OpSpec& s, Fn&& fn) {
     case Kernel::kCombine:
       if (s.flag_a) return fn(Combine<true>{});
       return fn(Combine<false>{});
+    case Kernel::kPerturbMeasured:
+      if (s.flag_a) return fn(PerturbMeasured<false, true>{s.seed, s.offset});
+      return fn(PerturbMeasured<false, false>{s.seed, s.offset});
+    case Kernel::kPerturbSaveMeasured:
+      if (s.flag_a) return fn(PerturbMeasured<true, true>{s.seed, s.offset});
+      return fn(PerturbMeasured<true, false>{s.seed, s.offset});
   }
   throw std::invalid_argument("sama_ext: unknown kernel id " + std::to_string(int(s.kernel)));
 }
@@ -67,6 +77,9 @@ inline int n_inputs(const OpSpec& s) {
 }
 inline int n_outputs(const OpSpec& s) {
   return with_functor(s, [](auto op) { return decltype(op)::kOut; });
+}
+inline int n_sums(const OpSpec& s) {
+  return with_functor(s, [](auto op) { return decltype(op)::kSums; });
 }
 
 // Calls fn(TypeTag<Tin>, TypeTag<Tout>) for functor type Op. Outputs share the input dtype, except that combine

@@ -52,11 +52,12 @@ SAMA_HD uint32_t float_as_bits(float f) {
 // bf16 is the top half of a float.
 SAMA_HD float bf16_to_float(uint16_t h) { return bits_as_float(uint32_t(h) << 16); }
 
+// Branch-free (a select, not an early return), so that loops using it vectorise.
 SAMA_HD uint16_t float_to_bf16(float f) {
-  uint32_t u = float_as_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // canonical NaN, as torch
-  u += 0x7fffu + ((u >> 16) & 1u);  // round half to even
-  return uint16_t(u >> 16);
+  const uint32_t u = float_as_bits(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round half to even
+  const uint32_t nan = 0u - uint32_t((u & 0x7fffffffu) > 0x7f800000u);  // all ones for NaN
+  return uint16_t((r & ~nan) | (0x7fc0u & nan));  // NaN: canonical, as torch
 }
 
 SAMA_HD float fp16_to_float(uint16_t h) {
@@ -71,20 +72,20 @@ SAMA_HD float fp16_to_float(uint16_t h) {
   return bits_as_float(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
+// All three cases computed, one selected (branch-free, so that loops using it vectorise).
 SAMA_HD uint16_t float_to_fp16(float f) {
   uint32_t u = float_as_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   u &= 0x7fffffffu;
-  if (u >= 0x47800000u)  // |f| >= 65536, inf or NaN
-    return uint16_t(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  if (u < 0x38800000u) {  // below the smallest normal half: let fp32 addition round for us
-    const float shifted = bits_as_float(u) + 0.5f;  // aligns the half subnormal LSB with fp32's
-    return uint16_t(sign | (float_as_bits(shifted) - 0x3f000000u));
-  }
-  // Normal: rebias the exponent, then round half to even on the 13 dropped bits. A carry
-  // out of the mantissa correctly bumps the exponent (and overflows 65520.. to inf).
-  u += 0xc8000fffu + ((u >> 13) & 1u);
-  return uint16_t(sign | (u >> 13));
+  // |f| >= 65536, inf or NaN
+  const uint32_t big = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // below the smallest normal half: let fp32 addition round for us (aligns the half subnormal
+  // LSB with fp32's)
+  const uint32_t sub = float_as_bits(bits_as_float(u) + 0.5f) - 0x3f000000u;
+  // normal: rebias the exponent, then round half to even on the 13 dropped bits. A carry out
+  // of the mantissa correctly bumps the exponent (and overflows 65520.. to inf).
+  const uint32_t normal = (u + 0xc8000fffu + ((u >> 13) & 1u)) >> 13;
+  return uint16_t(sign | (u >= 0x47800000u ? big : u < 0x38800000u ? sub : normal));
 }
 
 // Load as math type / store from math type. Device code uses the hardware conversions.

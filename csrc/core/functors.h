@@ -6,15 +6,27 @@
 //                      launcher (a host value, optionally times a device value: lr tensors,
 //                      per-tensor Adam steps, ε);
 //   apply(ctx, x, y)   reads x[kIn], writes y[kOut] (pre-loaded when kLoadsOut) and returns
-//                      v, whose square is summed (in double) over all elements when kReduces.
+//                      v, whose square is summed (in double) over all elements when kReduces;
+// or, for the kIndexed functors (the measured perturbations),
+//   apply_at<Tout>(ctx, x, y, tensor, index)  rounds y[kOut] to the storage type itself
+//                      (stochastically if asked, which needs the element's identity; y stays
+//                      in the math type, exactly representable in Tout) and returns kSums (2)
+//                      per-element terms to sum.
 // Math runs in A = float for fp32/bf16/fp16 storage and double for fp64 storage.
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #include "dtypes.h"
+#include "stochastic_round.h"
 
 namespace sama {
+
+// The per-element terms of a reduction (kSums of them are used) and their sums.
+struct Sums {
+  double a = 0.0, b = 0.0;
+};
 
 template <typename A> SAMA_HD A fused_mul_add(A a, A b, A c);
 template <> SAMA_HD float fused_mul_add<float>(float a, float b, float c) { return fmaf(a, b, c); }
@@ -41,6 +53,8 @@ struct AdamDiag {
   static constexpr int kOut = 1;                              // v
   static constexpr bool kLoadsOut = false;
   static constexpr bool kReduces = true;
+  static constexpr int kSums = 1;
+  static constexpr bool kIndexed = false;
 
   double beta1, beta2, eps, weight_decay, sign;
   int safeguard;
@@ -86,6 +100,8 @@ struct AdamDiag {
 struct ConstDiag {
   static constexpr int kIn = 1, kOut = 1;  // d -> v
   static constexpr bool kLoadsOut = false, kReduces = true;
+  static constexpr int kSums = 1;
+  static constexpr bool kIndexed = false;
   double factor;  // s·k
 
   template <typename A> struct Ctx { A c; };
@@ -111,6 +127,8 @@ struct RmspropDiag {
   // d, g, S, [G], [θ], [buf]
   static constexpr int kOut = 1;
   static constexpr bool kLoadsOut = false, kReduces = true;
+  static constexpr int kSums = 1;
+  static constexpr bool kIndexed = false;
   double alpha, eps, weight_decay, sign;
   int safeguard;
 
@@ -147,6 +165,8 @@ struct AdagradDiag {
   static constexpr int kIn = 3 + kCoupledDecay;  // d, g, Σ, [θ]
   static constexpr int kOut = 1;
   static constexpr bool kLoadsOut = false, kReduces = true;
+  static constexpr int kSums = 1;
+  static constexpr bool kIndexed = false;
   double lr_decay, eps, weight_decay, sign;
   int safeguard;
 
@@ -182,6 +202,8 @@ struct AdagradDiag {
 struct Axpy {
   static constexpr int kIn = 2, kOut = 1;  // x, v -> y (y may alias x)
   static constexpr bool kLoadsOut = false, kReduces = false;
+  static constexpr int kSums = 0;
+  static constexpr bool kIndexed = false;
 
   template <typename A> struct Ctx { A a; };
   // a = scale (host value × optional device scalar)
@@ -196,6 +218,8 @@ struct Axpy {
 struct AxpySave {
   static constexpr int kIn = 2, kOut = 2;  // x, v -> y, backup
   static constexpr bool kLoadsOut = false, kReduces = false;
+  static constexpr int kSums = 0;
+  static constexpr bool kIndexed = false;
 
   template <typename A> struct Ctx { A a; };
   template <typename A> SAMA_HD Ctx<A> prepare(double a, double) const { return Ctx<A>{A(a)}; }
@@ -206,12 +230,55 @@ struct AxpySave {
   }
 };
 
+// ---------------------------------------------------------------- measured perturbations
+// y = x + a·v as Axpy (kSave: and backup = x, as AxpySave), and from the same pass what the
+// stored y really moved (issue 18, docs/precision.md): Σ (y − x)·v in double over the
+// elements with y ≠ x (a.k.a. the realized ⟨Δθ, v⟩), and how many such elements (NaN counts as
+// moved). y − x of two floats of one storage type is exact in double (up to float64 storage).
+// With `stochastic`, bfloat16/float16 storage is rounded stochastically (stochastic_round.h:
+// E[y] = x + a·v); float32/float64 storage always rounds to nearest, exactly as Axpy. a == 0
+// leaves x exactly as it was, even where v is not finite.
+// kStochastic is a template parameter, not a flag: the round-to-nearest instantiation must
+// vectorise like Axpy, which a (never taken) branch into the generator would prevent.
+template <bool kSave, bool kStochastic>
+struct PerturbMeasured {
+  static constexpr int kIn = 2, kOut = 1 + kSave;  // x, v -> y[, backup]
+  static constexpr bool kLoadsOut = false, kReduces = true;
+  static constexpr int kSums = 2;  // Σ (y − x)·v, #(y ≠ x)
+  static constexpr bool kIndexed = true;
+  static constexpr bool kStochasticRounding = kStochastic;
+  uint64_t seed, offset;
+
+  template <typename A> struct Ctx { A a; };
+  template <typename A> SAMA_HD Ctx<A> prepare(double a, double) const { return Ctx<A>{A(a)}; }
+  // y[k] are the stored values, as A (exactly representable in Tout).
+  template <typename Tout, typename A>
+  SAMA_HD Sums apply_at(const Ctx<A>& c, const A* x, A* y, int64_t tensor, int64_t index) const {
+    A out = to_math(from_math<Tout>(c.a == A(0) ? x[0] : fused_mul_add(c.a, x[1], x[0])));  // as Axpy
+    if constexpr (kStochastic && (std::is_same<Tout, bf16>::value || std::is_same<Tout, fp16>::value)) {
+      const A sr = to_math(round_stochastic<Tout>(double(x[0]) + double(c.a) * double(x[1]),
+                                                  rounding_draw(seed, offset, tensor, index)));
+      out = c.a == A(0) ? out : sr;
+    }
+    y[0] = out;
+    if constexpr (kSave) y[1] = x[0];
+    // No select on the product (it keeps GCC from vectorising the CPU loop): an element that did
+    // not move has diff = 0 and a finite v, hence a zero term — except at a == 0, where v may be
+    // anything and is replaced by 0.
+    const double diff = double(out) - double(x[0]);
+    const double prod = diff * double(c.a == A(0) ? A(0) : x[1]);
+    return Sums{prod, double(diff != 0.0)};
+  }
+};
+
 // ---------------------------------------------------------------- combine
 // out (+)= scale·(g⁻ − g⁺)/(2ε). ε = 0 (a skipped step) or non-finite contributes nothing.
 template <bool kAccumulate>
 struct Combine {
   static constexpr int kIn = 2, kOut = 1;  // g⁻, g⁺ -> out
   static constexpr bool kLoadsOut = kAccumulate, kReduces = false;
+  static constexpr int kSums = 0;
+  static constexpr bool kIndexed = false;
 
   template <typename A> struct Ctx { A c; bool skip; };
   // a = scale, b = ε

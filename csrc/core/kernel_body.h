@@ -162,14 +162,14 @@ SAMA_HD int head_of(const T* p) {
   return mis == 0 ? 0 : W - mis;
 }
 
-// One thread's share of its block's chunk: loads, functor, stores, and the partial Σv² (in
-// double) of the elements it did. Thread `thread` of `n_threads` takes vector v = thread,
-// thread + n_threads, ... and the scalar elements likewise, so consecutive threads touch
-// consecutive addresses (coalesced).
+// One thread's share of its block's chunk: loads, functor, stores, and the partial sums (in
+// double) of the elements it did (Σv²; for the measured perturbations their two sums). Thread
+// `thread` of `n_threads` takes vector v = thread, thread + n_threads, ... and the scalar
+// elements likewise, so consecutive threads touch consecutive addresses (coalesced).
 template <typename Op, typename Tin, typename Tout>
-SAMA_HD double thread_work(const Meta<Op::kIn, Op::kOut>& meta, const Op& op,
-                           const typename Op::template Ctx<math_t<Tin>>& ctx, const BlockWork& w, int thread,
-                           int n_threads) {
+SAMA_HD Sums thread_sums(const Meta<Op::kIn, Op::kOut>& meta, const Op& op,
+                         const typename Op::template Ctx<math_t<Tin>>& ctx, const BlockWork& w, int thread,
+                         int n_threads) {
   constexpr int W = kVecWidth<Tin, Tout>;
   using VIn = Vec<Tin, W>;
   using VOut = Vec<Tout, W>;
@@ -190,10 +190,13 @@ SAMA_UNROLL
     head = (h == head) ? h : -1;
   }
   const int len = w.len;
-  double acc = 0.0;
+  Sums acc;
+  auto add = [&](const Sums& r) {
+    if (Op::kSums > 0) acc.a += r.a;
+    if (Op::kSums > 1) acc.b += r.b;
+  };
   auto element = [&](int i) {
-    const double r = double(cpu_element<Op, Tin, Tout, math_t<Tin>>(op, ctx, in, out, i));
-    if (Op::kReduces) acc += r * r;  // squared in double, as the CPU loop
+    add(element_sums<Op, Tin, Tout, math_t<Tin>>(op, ctx, in, out, i, w.tensor, w.begin + i));
   };
 
   int scalar_from = 0;  // elements [0, head) and [scalar_from, len) run one at a time
@@ -215,14 +218,20 @@ SAMA_UNROLL
         math_t<Tin> x[Op::kIn], y[Op::kOut];
 SAMA_UNROLL
         for (int k = 0; k < Op::kIn; ++k) x[k] = to_math(xin[k].v[j]);
-        if (Op::kLoadsOut) {
+        if constexpr (Op::kIndexed) {
+          add(op.template apply_at<Tout>(ctx, x, y, w.tensor, w.begin + at + j));
 SAMA_UNROLL
-          for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(yout[k].v[j]);
+          for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = from_math<Tout>(y[k]);
+        } else {
+          if (Op::kLoadsOut) {
+SAMA_UNROLL
+            for (int k = 0; k < Op::kOut; ++k) y[k] = to_math(yout[k].v[j]);
+          }
+          const double r = double(op.apply(ctx, x, y));
+          add(Sums{Op::kReduces ? r * r : 0.0, 0.0});
+SAMA_UNROLL
+          for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = from_math<Tout>(y[k]);
         }
-        const double r = double(op.apply(ctx, x, y));
-        if (Op::kReduces) acc += r * r;
-SAMA_UNROLL
-        for (int k = 0; k < Op::kOut; ++k) yout[k].v[j] = from_math<Tout>(y[k]);
       }
 SAMA_UNROLL
       for (int k = 0; k < Op::kOut; ++k) store_vec(out[k] + at, yout[k]);
@@ -231,6 +240,14 @@ SAMA_UNROLL
   }
   for (int i = scalar_from + thread; i < len; i += n_threads) element(i);
   return acc;
+}
+
+// The first partial sum alone (Σv² of the adapt functors).
+template <typename Op, typename Tin, typename Tout>
+SAMA_HD double thread_work(const Meta<Op::kIn, Op::kOut>& meta, const Op& op,
+                           const typename Op::template Ctx<math_t<Tin>>& ctx, const BlockWork& w, int thread,
+                           int n_threads) {
+  return thread_sums<Op, Tin, Tout>(meta, op, ctx, w, thread, n_threads).a;
 }
 
 }  // namespace sama

@@ -33,7 +33,7 @@ __device__ __forceinline__ double block_sum(double x, double* shared) {
 template <typename Op, typename Tin, typename Tout>
 __global__ void __launch_bounds__(kCudaThreads)
     multi_tensor_kernel(const __grid_constant__ Meta<Op::kIn, Op::kOut> meta, const Op op, const ScalarArg s0,
-                        const ScalarArg s1, double* __restrict__ partials) {
+                        const ScalarArg s1, double* __restrict__ partials, double* __restrict__ partials_b) {
   using Ctx = typename Op::template Ctx<math_t<Tin>>;
   const BlockWork w = block_work(meta, int(blockIdx.x));
   // The per-tensor constants (double pow()s and divisions for Adam) once per block, not per thread.
@@ -41,11 +41,16 @@ __global__ void __launch_bounds__(kCudaThreads)
   if (threadIdx.x == 0) ctx_shared = block_context<Op, math_t<Tin>>(op, w, s0, s1);
   __syncthreads();
   const Ctx ctx = ctx_shared;
-  const double acc = thread_work<Op, Tin, Tout>(meta, op, ctx, w, int(threadIdx.x), int(blockDim.x));
-  if (Op::kReduces) {
+  const Sums acc = thread_sums<Op, Tin, Tout>(meta, op, ctx, w, int(threadIdx.x), int(blockDim.x));
+  if (Op::kSums > 0) {
     __shared__ double shared[kCudaThreads / 32];
-    const double s = block_sum(acc, shared);
+    const double s = block_sum(acc.a, shared);
     if (threadIdx.x == 0) partials[meta.partial_base + blockIdx.x] = s;
+  }
+  if (Op::kSums > 1) {  // its own shared array: warp 0 may still be reading the first
+    __shared__ double shared_b[kCudaThreads / 32];
+    const double s = block_sum(acc.b, shared_b);
+    if (threadIdx.x == 0) partials_b[meta.partial_base + blockIdx.x] = s;
   }
 }
 
@@ -67,13 +72,14 @@ void check_launch(const char* what) {
 template <typename Op, typename Tin, typename Tout>
 void run_typed(const Op& op, const CudaCall& c, cudaStream_t stream) {
   using M = Meta<Op::kIn, Op::kOut>;
-  static_assert(sizeof(M) + sizeof(Op) + 2 * sizeof(ScalarArg) + sizeof(double*) <= 32764,
+  static_assert(sizeof(M) + sizeof(Op) + 2 * sizeof(ScalarArg) + 2 * sizeof(double*) <= 32764,
                 "kernel arguments exceed the 32 KB limit");
   const Plan& plan = *c.plan;
   for (const Launch& L : plan.launches) {
     M meta;
     fill_meta(meta, c.lists, plan, L, c.partial_offset);
-    multi_tensor_kernel<Op, Tin, Tout><<<L.n_items, kCudaThreads, 0, stream>>>(meta, op, c.s0, c.s1, c.partials);
+    multi_tensor_kernel<Op, Tin, Tout><<<L.n_items, kCudaThreads, 0, stream>>>(meta, op, c.s0, c.s1, c.partials,
+                                                                                  c.partials_b);
     check_launch("multi_tensor_kernel");
   }
 }

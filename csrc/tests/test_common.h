@@ -195,6 +195,13 @@ inline void gen(const AxpySave&, Rng& r, double* x, double*) {
   x[0] = r.uniform(-3, 3);
   x[1] = gen_direction(r);
 }
+// |v| spread over decades, so that many 16-bit elements do not move at all; finite (a NaN
+// partial sum would read as "never written" in the kernel-body test)
+template <bool S, bool R>
+void gen(const PerturbMeasured<S, R>&, Rng& r, double* x, double*) {
+  x[0] = r.uniform(-3, 3);
+  x[1] = r.uniform(-1, 1) * std::pow(10.0, -r.uniform(0, 3));
+}
 template <bool ACC>
 void gen(const Combine<ACC>&, Rng& r, double* x, double* y0) {
   x[0] = r.uniform(-1, 1);
@@ -228,6 +235,7 @@ template <bool B> struct KindOf<AdagradDiag<B>> { static constexpr ScalarKind va
 template <> struct KindOf<ConstDiag> { static constexpr ScalarKind value = ScalarKind::kConst; };
 template <> struct KindOf<Axpy> { static constexpr ScalarKind value = ScalarKind::kAxpy; };
 template <> struct KindOf<AxpySave> { static constexpr ScalarKind value = ScalarKind::kAxpy; };
+template <bool S, bool R> struct KindOf<PerturbMeasured<S, R>> { static constexpr ScalarKind value = ScalarKind::kAxpy; };
 template <bool B> struct KindOf<Combine<B>> { static constexpr ScalarKind value = ScalarKind::kCombine; };
 
 // n_ids: size of the per-tensor arrays (indexed by Lists::tensor_id).

@@ -3,7 +3,9 @@
 //   2. launch_plan.h: coverage, limits and int64 ranges of make_plan;
 //   3. cpu_apply.h: the multi-tensor loop vs a naive element loop for every functor and
 //      storage type, and ‖v‖² summed in double; Axpy's single rounding; Combine's skips;
-//   4. functors.h: the adapt diagonals vs finite differences of hand-written optimizer steps.
+//   4. functors.h: the adapt diagonals vs finite differences of hand-written optimizer steps;
+//   5. the measured perturbations: Philox known answers, round-to-nearest equal to Axpy, the
+//      dot and count vs a long-double recount, partition independence, unbiased stochastic rounding.
 // Exit status 0 iff every check passed.
 #include <algorithm>
 #include <cmath>
@@ -1010,6 +1012,146 @@ void test_rmsprop_adagrad_fd() {
 }
 
 // ================================================================ dispatch
+// ================================================================ 5. measured perturbations
+// Philox4x32-10 against the known-answer vectors published with Random123 (kat_vectors).
+void test_philox_kat() {
+  const Philox4x32 a = philox4x32_10(0, 0, 0, 0, 0, 0);
+  const Philox4x32 b = philox4x32_10(~0u, ~0u, ~0u, ~0u, ~0u, ~0u);
+  const Philox4x32 c = philox4x32_10(0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u, 0xa4093822u, 0x299f31d0u);
+  const uint32_t want[3][4] = {{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u},
+                               {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu},
+                               {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}};
+  const Philox4x32* got[3] = {&a, &b, &c};
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < 4; ++k)
+      CHECK_MSG(got[i]->c[k] == want[i][k], "philox KAT %d word %d: %08x, want %08x", i, k, got[i]->c[k], want[i][k]);
+}
+
+// One call of a measured perturbation over one tensor of n elements (x, v -> y[, backup]).
+template <typename T, bool kSave, bool kStochastic>
+Sums run_measured(const PerturbMeasured<kSave, kStochastic>& op, const std::vector<T>& x, const std::vector<T>& v,
+                  std::vector<T>* y, std::vector<T>* backup, double scale, uint64_t parallel_seed) {
+  const int64_t n = int64_t(x.size());
+  const void* in[2] = {x.data(), v.data()};
+  void* out[2] = {y->data(), backup ? static_cast<void*>(backup->data()) : nullptr};
+  Lists l;
+  l.n_tensors = 1;
+  l.in = in;
+  l.out = out;
+  l.numel = &n;
+  return cpu_apply_sums<PerturbMeasured<kSave, kStochastic>, T, T>(op, l, ScalarArg{scale}, ScalarArg{},
+                                                        TestFor{parallel_seed});
+}
+
+template <typename T>
+void test_measured_type(uint64_t seed) {
+  const char* name = StorageName<T>::value;
+  Rng r(seed);
+  const int64_t n = 3 * kCpuChunk + 1234;  // several chunks, a partial last one
+  std::vector<T> x(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    x[size_t(i)] = store<T>(r.uniform(-3, 3));
+    v[size_t(i)] = store<T>(r.uniform(-1, 1) * std::pow(10.0, -r.uniform(0, 3)));
+  }
+  const double scale = -0.0123;
+  // round-to-nearest: bit for bit what Axpy writes (itself checked against the naive loop)
+  std::vector<T> y_axpy(static_cast<size_t>(n)), y(static_cast<size_t>(n)), backup(static_cast<size_t>(n));
+  {
+    const void* in[2] = {x.data(), v.data()};
+    void* out[1] = {y_axpy.data()};
+    Lists l;
+    l.n_tensors = 1;
+    l.in = in;
+    l.out = out;
+    l.numel = &n;
+    cpu_apply<Axpy, T, T>(Axpy{}, l, ScalarArg{scale}, ScalarArg{}, TestFor{});
+  }
+  auto check = [&](auto op) {
+    constexpr bool stochastic = decltype(op)::kStochasticRounding;
+    const Sums s = run_measured<T>(op, x, v, &y, &backup, scale, 0);
+    long bad = 0;
+    long double dot = 0.0L;
+    double count = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (bits_of(backup[size_t(i)]) != bits_of(x[size_t(i)])) ++bad;
+      if (!stochastic && bits_of(y[size_t(i)]) != bits_of(y_axpy[size_t(i)])) ++bad;
+      const long double d = (long double)as_double(y[size_t(i)]) - (long double)as_double(x[size_t(i)]);
+      if (d != 0) {
+        dot += d * (long double)as_double(v[size_t(i)]);
+        count += 1;
+      }
+    }
+    CHECK_MSG(bad == 0, "measured %s%s: %ld elements differ from Axpy / the backup", name,
+              stochastic ? " stochastic" : "", bad);
+    CHECK_MSG(s.b == count, "measured %s: count %.17g vs %.17g", name, s.b, count);
+    CHECK_MSG(rel_diff(s.a, double(dot)) <= 1e-12, "measured %s: dot %.17g vs %.17g", name, s.a, double(dot));
+    // the thread partition changes nothing, bits included
+    std::vector<T> y2(static_cast<size_t>(n)), b2(static_cast<size_t>(n));
+    const Sums s2 = run_measured<T>(op, x, v, &y2, &b2, scale, seed * 3 + 1);
+    long diff = 0;
+    for (int64_t i = 0; i < n; ++i) diff += bits_of(y2[size_t(i)]) != bits_of(y[size_t(i)]);
+    CHECK_MSG(diff == 0 && bits_of(s2.a) == bits_of(s.a) && s2.b == s.b, "measured %s: depends on the partition",
+              name);
+    // a zero scale leaves θ as it is, even where v is not finite
+    std::vector<T> vn = v;
+    vn[0] = store<T>(std::numeric_limits<double>::quiet_NaN());
+    vn[1] = store<T>(std::numeric_limits<double>::infinity());
+    const Sums z = run_measured<T>(op, x, vn, &y2, &b2, 0.0, 0);
+    long moved = 0;
+    for (int64_t i = 0; i < n; ++i) moved += bits_of(y2[size_t(i)]) != bits_of(x[size_t(i)]);
+    CHECK_MSG(moved == 0 && z.a == 0.0 && z.b == 0.0, "measured %s: zero scale moved %ld elements", name, moved);
+  };
+  check(PerturbMeasured<true, false>{99, 5});
+  check(PerturbMeasured<true, true>{99, 5});
+}
+
+// Stochastic rounding is unbiased: x on the grid, a·v of x's sign and below one grid step, so
+// that every result must be x or its neighbour away from zero; the mean over many draws
+// (different offsets) is the exact x + a·v (long double) within 5 standard errors. (Round-to-
+// nearest fails this: its mean sits on one neighbour, tens of standard errors away.)
+template <typename T>
+void test_stochastic_unbiased(std::initializer_list<double> xs) {
+  const char* name = StorageName<T>::value;
+  const int kDraws = 20000;
+  for (double x0 : xs) {
+    const T xt = store<T>(x0);
+    const double xd = as_double(xt);
+    const double xn = as_double(T{uint16_t(xt.bits + 1)});  // the next grid point away from zero
+    for (double frac : {0.3, 0.04}) {
+      const T vt = store<T>(1.0);
+      const double a = double(float(frac * (xn - xd)));  // the kernels take the scale in float
+      const long double exact = (long double)xd + (long double)a;
+      const double p = double((exact - xd) / ((long double)xn - xd));
+      long double sum = 0.0L;
+      int other = 0;
+      for (int k = 0; k < kDraws; ++k) {
+        const PerturbMeasured<false, true> op{2024, uint64_t(k)};
+        std::vector<T> x(1, xt), v(1, vt), y(1);
+        run_measured<T>(op, x, v, &y, nullptr, a, 0);
+        const double got = as_double(y[0]);
+        sum += got;
+        other += got != xd && got != xn;
+      }
+      const long double mean = sum / kDraws;
+      const double se = std::fabs(xn - xd) * std::sqrt(p * (1 - p) / kDraws);
+      CHECK_MSG(p > 0 && p < 1, "stochastic %s x=%g: bad case p=%g", name, x0, p);
+      CHECK_MSG(other == 0, "stochastic %s x=%g: %d results are neither x nor its neighbour", name, x0, other);
+      CHECK_MSG(std::fabs(double(mean - exact)) <= 5 * se, "stochastic %s x=%g p=%.3f: mean %.12Lg vs exact %.12Lg "
+                "(%.2f standard errors)", name, x0, p, mean, exact, std::fabs(double(mean - exact)) / se);
+    }
+  }
+}
+
+void test_perturb_measured() {
+  test_philox_kat();
+  test_measured_type<float>(1);
+  test_measured_type<double>(2);
+  test_measured_type<bf16>(3);
+  test_measured_type<fp16>(4);
+  test_stochastic_unbiased<bf16>({1.0, -2.5, 1e-3, 1e-39 /* subnormal */, 3e30});
+  test_stochastic_unbiased<fp16>({1.0, -2.5, 1e-3, -3e-6 /* subnormal */, 6e4});
+}
+
 void test_dispatch() {
   const Kernel kernels[] = {Kernel::kAdam, Kernel::kConst, Kernel::kRmsprop, Kernel::kAdagrad,
                             Kernel::kAxpy, Kernel::kAxpySave, Kernel::kCombine};
@@ -1120,7 +1262,7 @@ int main() {
       {"cpu_apply", test_cpu_apply},             {"axpy rounding", test_axpy_rounding},
       {"combine skip", test_combine_skip},       {"adam finite differences", test_adam_fd},
       {"rmsprop/adagrad finite differences", test_rmsprop_adagrad_fd},
-      {"dispatch", test_dispatch},
+      {"dispatch", test_dispatch},               {"measured perturbations", test_perturb_measured},
   };
   for (const Section& s : sections) {
     const long long before = n_failures();

@@ -158,8 +158,9 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   hl.out = h_out_ptr.data();
   hl.numel = sizes.data();
   hl.tensor_id = with_ids ? ids.data() : nullptr;
-  const double cpu_sum =
-      cpu_apply<Op, Tin, Tout>(op, hl, sc.s0, sc.s1, [](int64_t b, int64_t e, const auto& fn) { fn(b, e); });
+  const Sums cpu_sums =
+      cpu_apply_sums<Op, Tin, Tout>(op, hl, sc.s0, sc.s1, [](int64_t b, int64_t e, const auto& fn) { fn(b, e); });
+  const double cpu_sum = cpu_sums.a;
 
   // ---- device
   std::vector<DeviceBuffer<Tin>> din;
@@ -193,8 +194,9 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   const int64_t partial_offset = 3, partial_tail = 2;
   const std::vector<double> sentinel(size_t(partial_offset + n_items + partial_tail),
                                      std::numeric_limits<double>::quiet_NaN());
-  DeviceBuffer<double> d_partials(sentinel.size()), d_sum(1);
+  DeviceBuffer<double> d_partials(sentinel.size()), d_partials_b(sentinel.size()), d_sum(2);
   d_partials.upload(sentinel);
+  d_partials_b.upload(sentinel);
 
   CudaCall call;
   call.spec = desc.spec;
@@ -209,18 +211,20 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   call.s1 = ds1;
   call.plan = &plan;
   call.partials = Op::kReduces ? d_partials.ptr : nullptr;  // non-reducing ops must not touch it
+  call.partials_b = Op::kSums > 1 ? d_partials_b.ptr : nullptr;
   call.partial_offset = partial_offset;
   cudaStream_t stream;
   CUDA_OK(cudaStreamCreate(&stream));
   cuda_run(call, stream);
   if (Op::kReduces) cuda_sum_partials(d_partials.ptr + partial_offset, n_items, d_sum.ptr, stream);
+  if (Op::kSums > 1) cuda_sum_partials(d_partials_b.ptr + partial_offset, n_items, d_sum.ptr + 1, stream);
   CUDA_OK(cudaStreamSynchronize(stream));
   CUDA_OK(cudaGetLastError());
   CUDA_OK(cudaStreamDestroy(stream));
 
   // ---- compare
-  const std::vector<double> partials = d_partials.download();
-  const double gpu_sum = d_sum.download()[0];
+  const std::vector<double> partials = d_partials.download(), partials_b = d_partials_b.download();
+  const double gpu_sum = d_sum.download()[0], gpu_sum_b = d_sum.download()[1];
   std::vector<std::vector<Tin>> gin;
   std::vector<std::vector<Tout>> gout;
   for (auto& b : din) gin.push_back(b.download());
@@ -259,7 +263,7 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
       for (int64_t i = 0; i < numel + kGuard; ++i) {
         const Tout c = cpu_at(i), g = gpu_at(i);
         const bool guard = i >= numel;
-        if (!guard && k == 0 && Op::kReduces && kStoresV) sumsq_gpu_out += as_double(g) * as_double(g);
+        if (!guard && k == 0 && Op::kSums == 1 && kStoresV) sumsq_gpu_out += as_double(g) * as_double(g);
         if (same_value(c, g)) continue;
         bool ok = false;
         if (!ExactOnDevice<Op>::value && !guard) {
@@ -290,8 +294,15 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
     const bool written = !std::isnan(partials[size_t(i)]);
     if (Op::kReduces && inside) CHECK_MSG(written, "%s: partial %lld not written", what, (long long)i);
     else CHECK_MSG(!written, "%s: partial %lld written outside this call's range", what, (long long)i);
+    const bool written_b = !std::isnan(partials_b[size_t(i)]);
+    if (Op::kSums > 1 && inside) CHECK_MSG(written_b, "%s: second partial %lld not written", what, (long long)i);
+    else CHECK_MSG(!written_b, "%s: second partial %lld written outside this call's range", what, (long long)i);
   }
-  if (Op::kReduces) {
+  if (Op::kSums > 1) {  // measured perturbations: the same elements (checked above), summed in another order
+    CHECK_MSG(rel_diff(gpu_sum, cpu_sum) <= 1e-9, "%s: device dot %.17g vs cpu %.17g", what, gpu_sum, cpu_sum);
+    CHECK_MSG(gpu_sum_b == cpu_sums.b && cpu_sums.b > 0, "%s: device count %.17g vs cpu %.17g", what, gpu_sum_b,
+              cpu_sums.b);
+  } else if (Op::kReduces) {
     const bool exact = ExactOnDevice<Op>::value || std::is_same<A, double>::value;
     const double d_cpu = rel_diff(gpu_sum, cpu_sum);
     CHECK_MSG(d_cpu <= (exact ? 1e-9 : 1e-5), "%s: device sum %.17g vs cpu %.17g (rel %.3g)", what, gpu_sum, cpu_sum,
@@ -362,6 +373,14 @@ void test_launcher(bool quick) {
   all_types("AdagradDiag<1>", spec_of(Kernel::kAdagrad, false, true, {0.01, 1e-8, 0.02, -1.0}, kSafeguardZeroUnseen));
   all_types("Axpy", spec_of(Kernel::kAxpy, false, false, {}));
   all_types("AxpySave", spec_of(Kernel::kAxpySave, false, false, {}));
+  for (bool sr : {false, true}) {  // measured perturbations: device bits equal the CPU's, stochastic included
+    OpSpec m = spec_of(Kernel::kPerturbMeasured, sr, false, {});
+    m.seed = 0xfedcba9876543210ull;
+    m.offset = 3;
+    all_types(sr ? "PerturbMeasured<0> stochastic" : "PerturbMeasured<0>", m);
+    m.kernel = Kernel::kPerturbSaveMeasured;
+    all_types(sr ? "PerturbMeasured<1> stochastic" : "PerturbMeasured<1>", m);
+  }
   all_types("Combine<0>", spec_of(Kernel::kCombine, false, false, {}));
   all_types("Combine<1>", spec_of(Kernel::kCombine, true, false, {}));
   for (bool acc : {false, true})  // fp32/fp64 results into 16-bit buffers

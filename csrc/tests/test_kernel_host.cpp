@@ -72,24 +72,31 @@ double sum_partials(const double* p, int64_t n) {
   return block_sum(acc);
 }
 
-// One launch: every block, every thread; the block's Σv² into partials[partial_base + block].
+// One launch: every block, every thread; the block's Σv² into partials[partial_base + block]
+// (and, for the measured perturbations, the second sum into partials_b likewise).
 template <typename Op, typename Tin, typename Tout>
 void simulate_launch(const Meta<Op::kIn, Op::kOut>& meta, int n_blocks, const Op& op, const ScalarArg& s0,
-                     const ScalarArg& s1, std::vector<double>* partials, long& double_writes) {
+                     const ScalarArg& s1, std::vector<double>* partials, std::vector<double>* partials_b,
+                     long& double_writes) {
   using A = math_t<Tin>;
-  std::vector<double> acc(size_t(kCudaThreads), 0.0);
+  std::vector<double> acc(size_t(kCudaThreads), 0.0), acc_b(size_t(kCudaThreads), 0.0);
   for (int b = 0; b < n_blocks; ++b) {
     const BlockWork w = block_work(meta, b);
     const auto ctx = block_context<Op, A>(op, w, s0, s1);  // thread 0's, shared with all
-    for (int t = 0; t < kCudaThreads; ++t) acc[size_t(t)] = thread_work<Op, Tin, Tout>(meta, op, ctx, w, t, kCudaThreads);
-    if (Op::kReduces) {
+    for (int t = 0; t < kCudaThreads; ++t) {
+      const Sums s = thread_sums<Op, Tin, Tout>(meta, op, ctx, w, t, kCudaThreads);
+      acc[size_t(t)] = s.a;
+      acc_b[size_t(t)] = s.b;
+    }
+    for (int k = 0; k < Op::kSums; ++k) {
+      std::vector<double>& p = k == 0 ? *partials : *partials_b;
       const int64_t at = meta.partial_base + b;
-      if (at < 0 || at >= int64_t(partials->size())) {
+      if (at < 0 || at >= int64_t(p.size())) {
         ++double_writes;
         continue;
       }
-      if (!std::isnan((*partials)[size_t(at)])) ++double_writes;
-      (*partials)[size_t(at)] = block_sum(acc);
+      if (!std::isnan(p[size_t(at)])) ++double_writes;
+      p[size_t(at)] = block_sum(k == 0 ? acc : acc_b);
     }
   }
 }
@@ -228,8 +235,9 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   };
 
   // ---- reference
-  const double cpu_sum =
-      cpu_apply<Op, Tin, Tout>(op, lists_of(cpu), sc.s0, sc.s1, [](int64_t b, int64_t e, const auto& fn) { fn(b, e); });
+  const Sums cpu_sums = cpu_apply_sums<Op, Tin, Tout>(op, lists_of(cpu), sc.s0, sc.s1,
+                                                       [](int64_t b, int64_t e, const auto& fn) { fn(b, e); });
+  const double cpu_sum = cpu_sums.a;
 
   // ---- the kernel's code over the simulated grid, launch by launch as run_typed does
   const Lists sl = lists_of(sim);
@@ -237,15 +245,17 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
   const int64_t n_items = int64_t(plan.items.size());
   const int64_t partial_offset = 3, partial_tail = 2;
   std::vector<double> partials(size_t(partial_offset + n_items + partial_tail), std::numeric_limits<double>::quiet_NaN());
+  std::vector<double> partials_b = partials;
   long bad_partial_writes = 0;
   vector_accesses() = 0;
   auto meta = std::make_unique<Meta<Op::kIn, Op::kOut>>();
   for (const Launch& L : plan.launches) {
     fill_meta(*meta, sl, plan, L, partial_offset);
-    simulate_launch<Op, Tin, Tout>(*meta, L.n_items, op, sc.s0, sc.s1, &partials, bad_partial_writes);
+    simulate_launch<Op, Tin, Tout>(*meta, L.n_items, op, sc.s0, sc.s1, &partials, &partials_b, bad_partial_writes);
   }
   const int64_t vec_done = vector_accesses();
   const double sim_sum = Op::kReduces ? sum_partials(partials.data() + partial_offset, n_items) : 0.0;
+  const double sim_sum_b = Op::kSums > 1 ? sum_partials(partials_b.data() + partial_offset, n_items) : 0.0;
 
   // ---- compare: every element of every buffer, guards included, bit for bit
   long bad = 0;
@@ -266,7 +276,7 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
     }
   // every output element written (outputs not loaded started as NaN; the functors here never
   // produce NaN from finite inputs except Axpy/AxpySave from a non-finite direction v)
-  constexpr bool kNaNFree = !std::is_same<Op, Axpy>::value && !std::is_same<Op, AxpySave>::value;
+  constexpr bool kNaNFree = !std::is_same<Op, Axpy>::value && !std::is_same<Op, AxpySave>::value && !Op::kIndexed;
   if (!Op::kLoadsOut && kNaNFree)
     for (int k = 0; k < Op::kOut; ++k) {
       const bool aliased = desc.in_place && k == 0;
@@ -284,12 +294,15 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
     const bool written = !std::isnan(partials[size_t(i)]);
     CHECK_MSG(written == (Op::kReduces && inside), "%s: partial %lld %s", what, (long long)i,
               written ? "written outside the call's range" : "not written");
+    const bool written_b = !std::isnan(partials_b[size_t(i)]);
+    CHECK_MSG(written_b == (Op::kSums > 1 && inside), "%s: second partial %lld %s", what, (long long)i,
+              written_b ? "written outside the call's range" : "not written");
   }
   // Each partial is its own chunk's Σv²: where the stored output is v itself (fp32/fp64, not
   // in place over an input of another meaning), Σ(stored v)² over the chunk in long double.
   constexpr bool kStoresV = std::is_same<Tin, Tout>::value &&
                             (std::is_same<Tout, float>::value || std::is_same<Tout, double>::value);
-  if (Op::kReduces && kStoresV) {
+  if (Op::kSums == 1 && kStoresV) {
     for (int64_t it = 0; it < n_items; ++it) {
       const WorkItem& wi = plan.items[size_t(it)];
       int64_t launch = 0;
@@ -308,7 +321,13 @@ void run_case(const Op& op, const CaseDesc& desc, uint64_t seed) {
                   (long long)it, (long long)t, wi.chunk, got, double(ref));
     }
   }
-  if (Op::kReduces) {
+  if (Op::kSums > 1) {  // Σ (θ_new − θ_src)·v: same terms, another order; the count is exact
+    const double d = rel_diff(sim_sum, cpu_sum);
+    CHECK_MSG(d <= 1e-12, "%s: simulated dot %.17g vs cpu_apply %.17g (rel %.3g)", what, sim_sum, cpu_sum, d);
+    CHECK_MSG(sim_sum_b == cpu_sums.b, "%s: simulated count %.17g vs cpu_apply %.17g", what, sim_sum_b, cpu_sums.b);
+    CHECK_MSG(n_items == 0 || (cpu_sums.b > 0 && cpu_sums.b < double(n_items) * kCudaChunk),
+              "%s: degenerate count %g", what, cpu_sums.b);
+  } else if (Op::kReduces) {
     const double d = rel_diff(sim_sum, cpu_sum);
     CHECK_MSG(d <= 1e-12, "%s: simulated Σv² %.17g vs cpu_apply %.17g (rel %.3g)", what, sim_sum, cpu_sum, d);
     CHECK_MSG(n_items == 0 ? sim_sum == 0.0 : std::isfinite(sim_sum) && sim_sum > 0, "%s: degenerate sum %g", what,
@@ -423,6 +442,20 @@ void test_kernel_body() {
   all_types("AdagradDiag<1>", spec_of(Kernel::kAdagrad, false, true, {0.01, 1e-8, 0.02, -1.0}, kSafeguardZeroUnseen));
   all_types("Axpy", spec_of(Kernel::kAxpy, false, false, {}));
   all_types("AxpySave", spec_of(Kernel::kAxpySave, false, false, {}));
+  for (bool sr : {false, true}) {  // measured perturbations, round-to-nearest and stochastic
+    OpSpec m = spec_of(Kernel::kPerturbMeasured, sr, false, {});
+    m.seed = 0x0123456789abcdefull;
+    m.offset = 77;
+    all_types(sr ? "PerturbMeasured<0> stochastic" : "PerturbMeasured<0>", m);
+    m.kernel = Kernel::kPerturbSaveMeasured;
+    all_types(sr ? "PerturbMeasured<1> stochastic" : "PerturbMeasured<1>", m);
+    for (DType t : all) {
+      CaseDesc d{sr ? "PerturbMeasured<0> stochastic" : "PerturbMeasured<0>", m, t, t};
+      d.spec.kernel = Kernel::kPerturbMeasured;
+      d.in_place = true;
+      cases.push_back(d);
+    }
+  }
   all_types("Combine<0>", spec_of(Kernel::kCombine, false, false, {}));
   all_types("Combine<1>", spec_of(Kernel::kCombine, true, false, {}));
   for (bool acc : {false, true})  // fp32/fp64 results into 16-bit buffers (compressed communication)
