@@ -149,7 +149,8 @@ def adam_adapt(d, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, params, out, *, lr
         second = torch.where(curved, (m / bc1 / D) * ((1 - beta2) / bc2 * ge / safe_h / D), torch.zeros_like(h))
         diag = lr_i * ((1 - beta1) / bc1 / D - second)
         # step 1: zero pre-step moments, the bracket is eps/D² exactly (see functors.h AdamDiag)
-        diag = torch.where(torch.as_tensor(t == 1, device=dm.device), lr_i * eps / (D * D), diag)
+        first = torch.as_tensor(t == 1, device=dm.device) & (q == qu if amsgrad else True)
+        diag = torch.where(first, lr_i * eps / (D * D), diag)
         if safeguard == SAFEGUARDS["zero_unseen"]:
             diag = torch.where(qu == 0, torch.zeros_like(diag), diag)
         vs.append(sign * diag * dm)

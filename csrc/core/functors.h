@@ -86,8 +86,10 @@ struct AdamDiag {
     // At step 1 the pre-step moments are zero (torch initialises them so), m̂ = g_e and h = |g_e|:
     // the bracket is 1/D − |g_e|/D² = eps/D² exactly. Written as the difference it is two nearly
     // equal terms whose float32 rounding (of q, h and both terms) swamps eps/D² once |g_e| ≫ eps.
+    // (A step counter reset by hand over non-zero moments is not a first step; it is not detected.)
     const A diag_first = c.lr * c.eps / (D * D);
-    A diag = c.first ? diag_first : c.lr * (c.first_num / D - second);
+    const bool first = c.first && (!kAmsgrad || q == q_used);
+    A diag = first ? diag_first : c.lr * (c.first_num / D - second);
     if (safeguard == kSafeguardZeroUnseen && q_used == A(0)) diag = A(0);
     const A v = c.sign * diag * d;
     y[0] = v;

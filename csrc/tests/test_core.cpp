@@ -819,6 +819,14 @@ double derivative(const std::function<double(double)>& u, double g, double h) {
   return (4 * d2 - d1) / 3;
 }
 
+// The same in long double: at Adam's first step du/dg = lr·eps/(|g|+eps)² is ~1e-7 of u/g, so
+// in double the differences of u are rounding noise at the 1e-6 level.
+long double derivative_ld(const std::function<long double(long double)>& u, long double g, long double h) {
+  const long double d1 = (u(g + h) - u(g - h)) / (2 * h);
+  const long double d2 = (u(g + h / 2) - u(g - h / 2)) / h;
+  return (4 * d2 - d1) / 3;
+}
+
 struct AdamPoint {
   double lr, beta1, beta2, eps, wd, sign, step;
   double theta, m_prev, q_prev, qmax_prev, g, d;
@@ -826,22 +834,26 @@ struct AdamPoint {
 
 // torch.optim.Adam, one step (maximize → −g; weight_decay couples into g; AMSGrad keeps
 // the running max of exp_avg_sq). Returns what the step subtracts from θ, u(g).
-struct AdamStep {
-  double m, q, qmax, u;
+template <typename T> struct AdamStepT {
+  T m, q, qmax, u;
 };
-AdamStep adam_step(const AdamPoint& p, bool amsgrad, bool coupled, double g) {
-  double grad = p.sign < 0 ? -g : g;
-  if (coupled) grad = grad + p.wd * p.theta;
-  AdamStep s;
-  s.m = p.beta1 * p.m_prev + (1 - p.beta1) * grad;             // exp_avg.lerp_(grad, 1-β1)
-  s.q = p.beta2 * p.q_prev + (1 - p.beta2) * grad * grad;      // exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
-  s.qmax = std::max(p.qmax_prev, s.q);                         // torch.maximum(max_exp_avg_sq, exp_avg_sq)
-  const double bias_correction1 = 1 - std::pow(p.beta1, p.step);
-  const double bias_correction2 = 1 - std::pow(p.beta2, p.step);
-  const double step_size = p.lr / bias_correction1;
-  const double denom = std::sqrt(amsgrad ? s.qmax : s.q) / std::sqrt(bias_correction2) + p.eps;
+template <typename T> AdamStepT<T> adam_step_t(const AdamPoint& p, bool amsgrad, bool coupled, T g) {
+  T grad = p.sign < 0 ? -g : g;
+  if (coupled) grad = grad + T(p.wd) * T(p.theta);
+  AdamStepT<T> s;
+  s.m = T(p.beta1) * T(p.m_prev) + (1 - T(p.beta1)) * grad;          // exp_avg.lerp_(grad, 1-β1)
+  s.q = T(p.beta2) * T(p.q_prev) + (1 - T(p.beta2)) * grad * grad;   // exp_avg_sq.mul_(β2).addcmul_(g, g, 1-β2)
+  s.qmax = std::max(T(p.qmax_prev), s.q);                            // torch.maximum(max_exp_avg_sq, exp_avg_sq)
+  const T bias_correction1 = 1 - std::pow(T(p.beta1), T(p.step));
+  const T bias_correction2 = 1 - std::pow(T(p.beta2), T(p.step));
+  const T step_size = T(p.lr) / bias_correction1;
+  const T denom = std::sqrt(amsgrad ? s.qmax : s.q) / std::sqrt(bias_correction2) + T(p.eps);
   s.u = step_size * s.m / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
   return s;
+}
+using AdamStep = AdamStepT<double>;
+AdamStep adam_step(const AdamPoint& p, bool amsgrad, bool coupled, double g) {
+  return adam_step_t<double>(p, amsgrad, coupled, g);
 }
 
 // The functor sees the state after step(): m, q, [q_max] and, with coupled decay, the
@@ -859,8 +871,9 @@ template <bool AMS, bool WD> void check_adam_point(const AdamPoint& p, const cha
   double y[1];
   const auto ctx = op.template prepare<double>(p.lr, p.step);
   const double r = op.apply(ctx, x, y);
-  const double fd =
-      derivative([&](double g) { return adam_step(p, AMS, WD, g).u; }, p.g, h > 0 ? h : 1e-3 * std::max(std::fabs(p.g), 1e-3)) * p.d;
+  const long double h_ld = h > 0 ? h : 1e-3 * std::max(std::fabs(p.g), 1e-3);
+  const double fd = double(
+      derivative_ld([&](long double g) { return adam_step_t<long double>(p, AMS, WD, g).u; }, p.g, h_ld) * p.d);
   CHECK_MSG(std::fabs(y[0] - fd) <= 1e-6 * std::fabs(fd) && fd != 0.0, "AdamDiag<%d,%d> %s: v = %.12g, FD %.12g", AMS,
             WD, what, y[0], fd);
   CHECK(r == y[0]);  // apply returns v; the loops sum its square
@@ -873,7 +886,8 @@ void test_adam_fd() {
   pts.push_back({"base", base});
   AdamPoint p = base;
   p.g = -0.7; p.d = -2.5; pts.push_back({"negative g, d", p});
-  p = base; p.step = 1; pts.push_back({"step 1", p});
+  // step 1: torch starts every moment at 0 (any other state at step 1 is unreachable)
+  p = base; p.step = 1; p.m_prev = 0; p.q_prev = 0; pts.push_back({"step 1", p});
   p = base; p.step = 1000; p.beta2 = 0.99; pts.push_back({"step 1000", p});
   p = base; p.eps = 0.1; pts.push_back({"large eps", p});
   p = base; p.sign = -1.0; pts.push_back({"maximize", p});
