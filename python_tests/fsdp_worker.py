@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -345,9 +345,25 @@ def bad_inputs(rank: int) -> dict:
     o16.step()
     call("fsdp_lambda_16bit", lambda: sama_ext.meta_step(list(b16.parameters()), o16, flam, base_loss, meta_loss,
                                                          base_module=b16, meta_module=fwnet))
-    # after all of these, a correct call works on every rank
+
+    def divide_factor():
+        base.set_gradient_divide_factor(2.0)
+        try:
+            sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base, meta_module=dwnet)
+        finally:
+            for m in base.modules():  # back to FSDP's default (the public setter takes a float only)
+                if isinstance(m, FSDPModule):
+                    for g in m._get_fsdp_state()._fsdp_param_groups:
+                        g.gradient_divide_factor = None
+
+    call("divide_factor", divide_factor)
+    # after all of these, a correct call works on every rank — also with set_is_last_backward(False)
+    # (gradient accumulation), which the meta step overrides for its own backwards and puts back
+    base.set_is_last_backward(False)
     call("ok", lambda: sama_ext.meta_step(params, opt, lam, base_loss, meta_loss, base_module=base,
                                           meta_module=dwnet))
+    out["ok"]["last_backward_kept"] = base._get_fsdp_state()._state_ctx.is_last_backward is False
+    base.set_is_last_backward(True)
     return out
 
 

@@ -225,7 +225,8 @@ BAD = {"subset": "ValueError: sama_ext.meta_step: base_params must be exactly ba
        "neumann": "NotImplementedError: sama_ext.meta_step: method='neumann' is single-process only",
        "fsdp_lambda_subset": "ValueError: sama_ext.meta_step: meta_params must be exactly meta_module's trainable",
        "fsdp_lambda_no_sync": "RuntimeError: sama_ext.meta_step: called with FSDP gradient sync off",
-       "fsdp_lambda_16bit": "NotImplementedError: sama_ext.meta_step: 16-bit base params with an FSDP2 meta_module"}
+       "fsdp_lambda_16bit": "NotImplementedError: sama_ext.meta_step: 16-bit base params with an FSDP2 meta_module",
+       "divide_factor": "NotImplementedError: sama_ext.meta_step: base_module has a custom gradient divide factor"}
 
 
 def test_fsdp_bad_inputs_raise_before_any_collective_and_change_nothing(check_run):
@@ -236,6 +237,7 @@ def test_fsdp_bad_inputs_raise_before_any_collective_and_change_nothing(check_ru
             assert bad[name]["raised"] is not None and bad[name]["raised"].startswith(start), (name, bad[name])
             assert bad[name]["unchanged"] and bad[name]["collectives"] == [], (name, bad[name])
         assert bad["ok"]["raised"] is None  # and a correct call afterwards works on every rank
+        assert bad["ok"]["last_backward_kept"]  # set_is_last_backward(False) put back after the meta step
 
 
 def test_fsdp_failing_pass_3_leaves_everything_and_fsdp_usable(check_run):

@@ -100,6 +100,11 @@ def _check_sharded(params: list[Tensor], module, groups: list, what: str, name: 
     if mesh.ndim != 1 or any(p.device_mesh != mesh for p in params):
         raise NotImplementedError(f"sama_ext.meta_step: {what} must be sharded over one 1-D device mesh (HSDP, 2-D "
                                   "meshes and several meshes are not supported)")
+    if any(getattr(g, "gradient_divide_factor", None) is not None for g in groups):
+        raise NotImplementedError(
+            f"sama_ext.meta_step: {name} has a custom gradient divide factor (set_gradient_divide_factor); SAMA "
+            "needs the rank average of the gradients FSDP reduces (d in pass 1, λ's meta-gradient). Reset it to "
+            "the default (None) around meta_step")
     if any(not g.reduce_grads for g in groups):
         raise RuntimeError(
             f"sama_ext.meta_step: called with FSDP gradient sync off (set_requires_gradient_sync(False), FSDP2's "
@@ -128,6 +133,22 @@ def _reshard(groups: list) -> None:
     (FSDPModule.reshard, group by group; a no-op for a sharded group)."""
     for g in groups:
         g.reshard()
+
+
+@contextmanager
+def _last_backward(*modules):
+    """Every backward of the meta step is a last backward for FSDP (its default): with
+    `set_is_last_backward(False)` (gradient accumulation) FSDP would not wait for pass 1's
+    reduce-scatter before d is read, nor finalise the passes. The user's setting is put back."""
+    ctxs = [m._get_fsdp_state()._state_ctx for m in modules if is_fsdp(m)]
+    old = [c.is_last_backward for c in ctxs]
+    for c in ctxs:
+        c.is_last_backward = True
+    try:
+        yield
+    finally:
+        for c, flag in zip(ctxs, old):
+            c.is_last_backward = flag
 
 
 @contextmanager
@@ -275,6 +296,7 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
         with ExitStack() as stack:
             if buffers is not None:
                 stack.enter_context(buffers.watch())
+            stack.enter_context(_last_backward(base_module, meta_module))
             _reshard(groups)
             # 1. d = rank average of ∂L_meta/∂θ, sharded, through FSDP's own backward
             lm, d, direct = _pass_1(meta_loss, theta, lam, local, meta)
@@ -318,18 +340,15 @@ def meta_step(theta: list[Tensor], opt: torch.optim.Optimizer, lam: list[Tensor]
                     rec.replay()
                     set_rng_states(rng)
                     _reshard(groups)
-                with signals_deferred():
-                    precision.perturb_save_(local, v, backup, eps)
+                with signals_deferred():  # the same pass measures what rounding left of εv on this shard
+                    dot_p, moved_p = precision.perturb_save_(local, v, backup, eps)
                     saved = True
-                if measure:
-                    dot_p, moved_p = precision.moved(local, backup, v)
                 meta.pass_2(base_loss, half_inv(eps))
                 _reshard(groups)
                 rec.replay()
                 set_rng_states(rng)
-                precision.perturb_from_(local, backup, v, -eps)
+                dot_m, moved_m = precision.perturb_from_(local, backup, v, -eps)
                 if measure:  # what rounding left of ±εv, summed over the shards (one more small all-reduce)
-                    dot_m, moved_m = precision.moved(local, backup, v)
                     sums = torch.stack([dot_p, dot_m, moved_p.double(), moved_m.double()]).to(comm_dev)
                     dist.all_reduce(sums, group=group)
                     sums = sums.to(dev)
