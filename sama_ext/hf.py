@@ -213,8 +213,10 @@ class SamaTrainer(Trainer):
       training example's `domain` field, weights softmax(logits) (learned mixture weights).
     The base loss of a step is Σ w·ℓ / Σ w over each micro-batch (averaged over gradient
     accumulation micro-batches, as the Trainer does); the meta loss is the mean per-example loss
-    on a meta batch. ℓ comes from the logits (`task`: "classification", "causal_lm" — mean token
-    loss per sequence, ignoring -100 — or "auto"), or from `per_example_loss_fn(outputs, labels)`.
+    on a meta batch. ℓ comes from the logits (`task`: "classification" — by the config's problem_type,
+    as transformers' heads — "causal_lm" — mean token loss per sequence, ignoring -100 — or "auto"),
+    or from `per_example_loss_fn(outputs, labels)`. args.label_smoothing_factor applies to the
+    cross-entropies; `compute_loss_func=` is refused (one loss per batch cannot be weighted).
     meta_lr: the meta optimiser's (Adam) learning rate; `meta_optimizer=` (a function λ's parameters
     → optimiser, e.g. `lambda p: torch.optim.SGD(p, lr=0.1)`) replaces Adam.
     meta_every: a meta step every k optimiser steps. alpha, method: as in `sama_ext.meta_step`
