@@ -329,3 +329,163 @@ def test_per_example_loss_fn(tmp_path):
     log = [h for h in t.state.log_history if "meta_loss" in h][0]
     assert math.isclose(log["meta_loss"], expect, rel_tol=1e-5)
     assert math.isclose(t.state.log_history[0]["loss"], 2 * cls_losses(bert(), cls_rows(8, 0)).mean().item(), rel_tol=0.05)
+
+
+# ----- review fixes: compute_loss_func, problem_type, failed steps, label smoothing, optimisers -------
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_compute_loss_func_refused_and_ga_divides_once(tmp_path):
+    """compute_loss_func= would be ignored (and turns off the Trainer's division by the GA steps): refused.
+    Under GA=2 the θ update equals GA=1 on the concatenated batch (SGD, no clipping: Δθ = -lr·∇ of
+    the mean of the two micro-batch losses, each with its own weights)."""
+    rows = cls_rows(8, 0)
+    with pytest.raises(ValueError, match="compute_loss_func.*per_example_loss_fn"):
+        SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1), train_dataset=rows, meta_dataset=rows,
+                    compute_loss_func=lambda out, y, num_items_in_batch=None: out.logits.sum())
+    net = wnet()
+    model = bert()
+    t = SamaTrainer(model=model, args=targs(tmp_path, max_steps=1, per_device_train_batch_size=4,
+                                            gradient_accumulation_steps=2, optim="sgd", max_grad_norm=0.0),
+                    train_dataset=Recorded(rows), meta_dataset=cls_rows(4, 1), weight_net=copy.deepcopy(net),
+                    method="sama_na")
+    t.train()
+    seen = t.train_dataset.data.seen[-8:]   # (the constructor reads example 0 to check the format)
+    hand = bert()
+    loss = 0
+    for mb in (seen[:4], seen[4:8]):
+        per = cls_losses(hand, [rows[i] for i in mb])
+        with torch.no_grad():
+            w = net(per.detach().unsqueeze(1)).squeeze(1)
+        loss = loss + (w * per).sum() / w.sum() / 2
+    grads = torch.autograd.grad(loss, list(hand.parameters()), allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(hand.parameters(), grads):
+            if g is not None:
+                p -= 1e-2 * g
+    torch.testing.assert_close(flat(model), flat(hand), rtol=1e-5, atol=1e-7)
+
+
+def _cls_model(num_labels, problem_type=None):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=SEQ, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, problem_type=problem_type)
+    return BertForSequenceClassification(cfg)
+
+
+def _logged_meta_loss(tmp_path, model, train, meta, **kw):
+    """θ fixed (lr 0): the logged meta loss is the mean per-example loss of the initial model on meta."""
+    t = SamaTrainer(model=model, args=targs(tmp_path, max_steps=1, learning_rate=0.0, per_device_train_batch_size=4,
+                                            **kw), train_dataset=train, meta_dataset=meta, weight_net=wnet())
+    t.train()
+    return [h for h in t.state.log_history if "meta_loss" in h][0]["meta_loss"]
+
+
+@pytest.mark.parametrize("num_labels,problem_type,label_kind", [
+    (CLASSES, "multi_label_classification", "multi_hot"),
+    (CLASSES, None, "multi_hot"),              # inferred: float labels, > 1 output
+    (1, None, "scalar"),                       # inferred: regression
+    (2, "regression", "vector"),               # regression over 2 outputs
+    (CLASSES, None, "class"),                  # inferred: single label
+])
+def test_problem_type_loss_equals_model_loss(tmp_path, num_labels, problem_type, label_kind):
+    """Per-example losses by problem_type, against the model's own (mean) loss on the same batch."""
+    g = torch.Generator().manual_seed(3)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            y = {"multi_hot": lambda: (torch.rand(num_labels, generator=g) > 0.5).float(),
+                 "scalar": lambda: torch.randn((), generator=g),
+                 "vector": lambda: torch.randn(num_labels, generator=g),
+                 "class": lambda: torch.randint(0, num_labels, (), generator=g)}[label_kind]()
+            out.append({"input_ids": torch.randint(0, VOCAB, (SEQ,), generator=g), "labels": y})
+        return out
+
+    train, meta = rows(8), rows(6)
+    x, y = torch.stack([r["input_ids"] for r in meta]), torch.stack([r["labels"] for r in meta])
+    with torch.no_grad():
+        expect = _cls_model(num_labels, problem_type)(input_ids=x, labels=y).loss.item()
+    got = _logged_meta_loss(tmp_path, _cls_model(num_labels, problem_type), train, meta)
+    assert math.isclose(got, expect, rel_tol=1e-5), (got, expect)
+
+
+def test_problem_type_errors(tmp_path):
+    logits = torch.zeros(4, 1)
+    with pytest.raises(ValueError, match="regression.*float labels"):
+        sama_ext.hf.per_example_loss(logits, torch.zeros(4, dtype=torch.long), "classification")
+    with pytest.raises(ValueError, match="unknown problem_type 'ranking'"):
+        sama_ext.hf.per_example_loss(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), "classification",
+                                     problem_type="ranking")
+    with pytest.raises(ValueError, match="label_smoothing_factor applies to single-label"):
+        sama_ext.hf.per_example_loss(torch.zeros(4, 3), torch.ones(4, 3), "classification", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing_factor is not applied to a per_example_loss_fn"):
+        SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1, label_smoothing_factor=0.1),
+                    train_dataset=cls_rows(8, 0), meta_dataset=cls_rows(4, 1),
+                    per_example_loss_fn=lambda out, y: F.cross_entropy(out.logits, y, reduction="none"))
+
+
+def test_label_smoothing_classification_and_lm(tmp_path):
+    """label_smoothing_factor is applied as the Trainer applies it: against transformers' LabelSmoother
+    (classification) and a hand-written smoothed token loss averaged per sequence (causal LM)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    eps = 0.3
+    meta = cls_rows(6, 1)
+    x, y = torch.stack([r["input_ids"] for r in meta]), torch.stack([r["labels"] for r in meta])
+    with torch.no_grad():
+        expect = LabelSmoother(epsilon=eps)(bert()(input_ids=x), y).item()
+    got = _logged_meta_loss(tmp_path, bert(), cls_rows(8, 0), meta, label_smoothing_factor=eps)
+    plain = cls_losses(bert(), meta).mean().item()   # (a random-init head: smoothing moves the loss by ~4e-4)
+    assert math.isclose(got, expect, rel_tol=1e-6) and not math.isclose(got, plain, rel_tol=1e-4)
+    lm_meta = [{k: v for k, v in r.items() if k != "domain"} for r in lm_rows(6, 1)]
+    lm_train = [{k: v for k, v in r.items() if k != "domain"} for r in lm_rows(8, 0)]
+    xs, labels = torch.stack([r["input_ids"] for r in lm_meta]), torch.stack([r["labels"] for r in lm_meta])
+    with torch.no_grad():
+        logp = gpt2()(input_ids=xs).logits.double().log_softmax(-1)[:, :-1]
+    nxt = labels[:, 1:]
+    tok = (1 - eps) * -logp.gather(2, nxt.clamp_min(0).unsqueeze(2)).squeeze(2) + eps * -logp.mean(-1)
+    expect = torch.stack([tok[i][nxt[i] != -100].mean() for i in range(len(lm_meta))]).mean().item()
+    got = _logged_meta_loss(tmp_path, gpt2(), lm_train, lm_meta, label_smoothing_factor=eps)
+    assert math.isclose(got, expect, rel_tol=1e-5)
+
+
+def test_failed_step_leaves_nothing(tmp_path):
+    """An exception in backward (a simulated OOM) with auto_find_batch_size: the retry's first step
+    re-runs only its own micro-batch in the meta step, and each trained example is counted once."""
+    model, fired = bert(), []
+
+    def boom(mod, gin, gout):
+        if not fired:
+            fired.append(1)
+            raise RuntimeError("CUDA out of memory. (simulated)")
+
+    model.classifier.register_full_backward_hook(boom)
+    t = SamaTrainer(model=model, args=targs(tmp_path, max_steps=1, auto_find_batch_size=True),
+                    train_dataset=cls_rows(16, 0), meta_dataset=cls_rows(4, 1), weight_net=wnet())
+    sizes, orig = [], t._meta_step
+    t._meta_step = lambda step, inputs: (sizes.append([int(b["input_ids"].shape[0]) for b in inputs]),
+                                         orig(step, inputs))[1]
+    t.train()
+    b = t._train_batch_size
+    assert fired and b < BATCH
+    assert sizes == [[b]]
+    w = t.learned_weights()
+    assert int((~torch.isnan(w)).sum()) == b
+    assert [h["weight_mean"] for h in t.state.log_history if "weight_mean" in h] and int(t._w_count.sum()) == b
+
+
+def test_optimizer_without_diagonal_refused_before_training(tmp_path):
+    model = bert()
+    before = flat(model).clone()
+    t = SamaTrainer(model=model, args=targs(tmp_path, max_steps=1, optim="adafactor"), train_dataset=cls_rows(8, 0),
+                    meta_dataset=cls_rows(4, 1), weight_net=wnet())
+    with pytest.raises(NotImplementedError, match="no adaptation diagonal for .*Adafactor.*sama_na"):
+        t.train()
+    assert torch.equal(flat(model), before) and t.state.global_step == 0
+    t = SamaTrainer(model=bert(), args=targs(tmp_path, max_steps=1, optim="adafactor"), train_dataset=cls_rows(8, 0),
+                    meta_dataset=cls_rows(4, 1), weight_net=wnet(), method="sama_na")
+    t.train()
+    assert t.state.global_step == 1

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from . import ops, step_record
 
-__all__ = ["adapt", "register_diagonal", "AdaptCall", "SAFEGUARDS"]
+__all__ = ["adapt", "register_diagonal", "require_diagonal", "AdaptCall", "SAFEGUARDS"]
 
 # How coordinates whose second moment is exactly 0 are treated (DESIGN §2): "none" keeps the
 # exact diagonal; "zero_unseen" sets it to 0 there (Adam/AdamW, RMSprop, Adagrad; SGD has none).
@@ -79,6 +79,12 @@ def _lookup(opt: torch.optim.Optimizer) -> DiagonalFn:
     raise NotImplementedError(
         f"sama_ext.adapt: no adaptation diagonal for {cls.__module__}.{cls.__name__} (built in: {names}). "
         "Register one with sama_ext.register_diagonal(YourOptimizer, fn), or use method='sama_na'.")
+
+
+def require_diagonal(optimizer: torch.optim.Optimizer) -> None:
+    """Raise the NotImplementedError `adapt` would if `optimizer` has no registered diagonal (to
+    refuse an optimiser for method="sama" before any step is taken)."""
+    _lookup(optimizer)
 
 
 def _host_float(x, what: str) -> float:

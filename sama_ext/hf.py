@@ -61,21 +61,62 @@ def _weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
     return (weights * losses).sum() / weights.sum().clamp_min(1e-12)
 
 
-def per_example_loss(logits: Tensor, labels: Tensor, task: str) -> Tensor:
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+
+
+def _problem_type(logits: Tensor, labels: Tensor, problem_type: str | None) -> str:
+    """problem_type as transformers' sequence-classification heads read it: the config's if set, else
+    one output → regression, integer labels → single label, other labels → multi-label."""
+    if problem_type is None:
+        if logits.shape[-1] == 1:
+            return "regression"
+        if labels.dtype in (torch.long, torch.int):
+            return "single_label_classification"
+        return "multi_label_classification"
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"SamaTrainer: unknown problem_type {problem_type!r} (known: {', '.join(PROBLEM_TYPES)}); "
+                         "pass per_example_loss_fn=(outputs, labels) -> one loss per example")
+    return problem_type
+
+
+def per_example_loss(logits: Tensor, labels: Tensor, task: str, *, problem_type: str | None = None,
+                     label_smoothing: float = 0.0) -> Tensor:
     """One loss per example from the logits, in float32.
 
-    classification: cross-entropy of (B, C) logits against (B,) class labels (squared error for
-    one-output regression with float labels). causal_lm: (B, T, V) logits predict the next token;
-    the mean token cross-entropy of each sequence over its labels that are not -100 (a sequence
-    with none gets 0)."""
+    classification, by `problem_type` (None: inferred as transformers' sequence-classification heads
+    do — one output → regression, integer labels → single label, else multi-label):
+    single_label_classification — cross-entropy of (B, C) logits against (B,) class labels;
+    multi_label_classification — binary cross-entropy with logits against (B, C) multi-hot labels,
+    averaged over the classes; regression — squared error averaged over the outputs.
+    causal_lm: (B, T, V) logits predict the next token; the mean token cross-entropy of each sequence
+    over its labels that are not -100 (a sequence with none gets 0).
+    label_smoothing: as the Trainer's label_smoothing_factor, (1-ε)·NLL + ε·mean over classes of
+    -log p (cross-entropy losses only)."""
     logits = logits.float()
     if task == "classification":
-        if logits.shape[-1] == 1 and labels.is_floating_point():
-            return (logits.squeeze(-1) - labels.float()).square()
-        return F.cross_entropy(logits, labels, reduction="none")
+        kind = _problem_type(logits, labels, problem_type)
+        if label_smoothing and kind != "single_label_classification":
+            raise ValueError(f"SamaTrainer: label_smoothing_factor applies to single-label classification and "
+                             f"causal LM, not {kind}; set it to 0")
+        if kind == "single_label_classification":
+            if labels.is_floating_point() or labels.numel() != logits.shape[0]:
+                raise ValueError(f"SamaTrainer: single-label classification needs one integer class per example, "
+                                 f"got labels {tuple(labels.shape)} {labels.dtype} for logits {tuple(logits.shape)}")
+            return F.cross_entropy(logits, labels.reshape(-1), reduction="none", label_smoothing=label_smoothing)
+        if labels.numel() != logits.numel():
+            raise ValueError(f"SamaTrainer: {kind} needs labels of the logits' shape {tuple(logits.shape)}, got "
+                             f"{tuple(labels.shape)}")
+        target = labels.reshape(logits.shape)
+        if kind == "regression":
+            if not target.is_floating_point():
+                raise ValueError(f"SamaTrainer: regression (one output, or problem_type='regression') needs float "
+                                 f"labels, got {labels.dtype}; for classes give the model num_labels > 1")
+            return (logits - target.float()).square().mean(-1)
+        return F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none").mean(-1)
     if task == "causal_lm":
         target = labels[:, 1:]
-        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none", ignore_index=-100)
+        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none", ignore_index=-100,
+                              label_smoothing=label_smoothing)
         keep = (target != -100).to(tok.dtype)
         return (tok * keep).sum(1) / keep.sum(1).clamp_min(1)
     raise ValueError(f"per_example_loss: task must be 'classification' or 'causal_lm', not {task!r}")
@@ -148,6 +189,15 @@ class _MetaStepCallback(TrainerCallback):
     def __init__(self, trainer: "SamaTrainer"):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._reset_step()
+        self.trainer._check_optimizer()
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._reset_step()
+        return control
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
         return control
@@ -163,8 +213,10 @@ class SamaTrainer(Trainer):
       training example's `domain` field, weights softmax(logits) (learned mixture weights).
     The base loss of a step is Σ w·ℓ / Σ w over each micro-batch (averaged over gradient
     accumulation micro-batches, as the Trainer does); the meta loss is the mean per-example loss
-    on a meta batch. ℓ comes from the logits (`task`: "classification", "causal_lm" — mean token
-    loss per sequence, ignoring -100 — or "auto"), or from `per_example_loss_fn(outputs, labels)`.
+    on a meta batch. ℓ comes from the logits (`task`: "classification" — by the config's problem_type,
+    as transformers' heads — "causal_lm" — mean token loss per sequence, ignoring -100 — or "auto"),
+    or from `per_example_loss_fn(outputs, labels)`. args.label_smoothing_factor applies to the
+    cross-entropies; `compute_loss_func=` is refused (one loss per batch cannot be weighted).
     meta_lr: the meta optimiser's (Adam) learning rate; `meta_optimizer=` (a function λ's parameters
     → optimiser, e.g. `lambda p: torch.optim.SGD(p, lr=0.1)`) replaces Adam.
     meta_every: a meta step every k optimiser steps. alpha, method: as in `sama_ext.meta_step`
@@ -195,7 +247,13 @@ class SamaTrainer(Trainer):
         if weighting == "domain" and weight_net is not None:
             raise ValueError("SamaTrainer: weight_net= is for weighting='sample'; weighting='domain' learns one "
                              "logit per domain")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("SamaTrainer: compute_loss_func= is not supported — SamaTrainer needs one loss per "
+                             "example to weight; pass per_example_loss_fn=(outputs, labels) -> a (B,) tensor instead")
         super().__init__(*args, **kwargs)
+        if per_example_loss_fn is not None and self.args.label_smoothing_factor:
+            raise ValueError("SamaTrainer: label_smoothing_factor is not applied to a per_example_loss_fn's losses; "
+                             "set it to 0 and smooth inside per_example_loss_fn")
         if self.train_dataset is None or meta_dataset is None:
             raise ValueError("SamaTrainer needs train_dataset= and meta_dataset= (the clean / target data)")
         self._check_parallelism()
@@ -205,7 +263,9 @@ class SamaTrainer(Trainer):
         self.weighting, self.meta_every, self.alpha, self.method = weighting, meta_every, alpha, method
         self.meta_batch_size, self.task, self.per_example_loss_fn = meta_batch_size, task, per_example_loss_fn
         self.meta_step_kwargs = dict(meta_step_kwargs or {})
-        self.model_accepts_loss_kwargs = False  # our loss is per micro-batch: the Trainer divides by the GA steps
+        # our loss is a per-micro-batch mean: the Trainer must divide it by the GA steps, exactly once
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
 
         self.user_train_dataset = self.train_dataset
         for what, data in (("train_dataset", self.train_dataset), ("meta_dataset", meta_dataset)):
@@ -249,7 +309,10 @@ class SamaTrainer(Trainer):
         self._w_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self._w_count = torch.zeros(n, dtype=torch.float64, device=device)
         self.domain_weight_history: list[tuple[int, Tensor]] = []  # (optimiser step, softmax(logits))
-        self._step_inputs: list[dict] = []   # the micro-batches of the current optimiser step
+        # the current optimiser step's micro-batches and (indices, weights): committed at on_optimizer_step,
+        # dropped at on_step_begin / train begin (a step that failed part-way leaves nothing behind)
+        self._step_inputs: list[dict] = []
+        self._step_records: list[tuple[Tensor, Tensor]] = []
         self._in_training_step = False
         # since the last log, on the device (no sync until log()): Σ over meta steps of [1, meta loss, ε, ‖v‖,
         # skipped], and over the training examples' weights count, Σw, Σw², min, max
@@ -357,7 +420,9 @@ class SamaTrainer(Trainer):
                     raise ValueError(f"SamaTrainer: cannot tell the task of {type(unwrapped).__name__} (logits of "
                                      f"shape {tuple(logits.shape)}); pass task='classification' or 'causal_lm', "
                                      "or per_example_loss_fn=")
-            per = per_example_loss(logits, labels, task)
+            config = getattr(self.accelerator.unwrap_model(model), "config", None)
+            per = per_example_loss(logits, labels, task, problem_type=getattr(config, "problem_type", None),
+                                   label_smoothing=self.args.label_smoothing_factor)
         if not (isinstance(per, Tensor) and per.dim() == 1 and per.shape[0] == labels.shape[0]):
             raise ValueError(f"SamaTrainer: per-example losses must be a 1-d tensor of batch size {labels.shape[0]}, "
                              f"got {tuple(per.shape) if isinstance(per, Tensor) else type(per).__name__}")
@@ -402,7 +467,15 @@ class SamaTrainer(Trainer):
         if idx is None:
             raise ValueError(f"SamaTrainer: the training batch has no {INDEX_KEY!r} field; a custom data_collator "
                              "must keep it")
-        w = w.detach().double()
+        self._step_records.append((idx, w.detach().double()))
+
+    def _reset_step(self) -> None:
+        self._step_inputs, self._step_records = [], []
+
+    def _commit_records(self, records: list[tuple[Tensor, Tensor]]) -> None:
+        if not records:
+            return
+        idx, w = torch.cat([i for i, _ in records]), torch.cat([w for _, w in records])
         self._w_sum.index_add_(0, idx, w)
         self._w_count.index_add_(0, idx, torch.ones_like(w))
         stats = torch.stack([w.new_tensor(float(w.numel())), w.sum(), w.square().sum(), w.min(), w.max()])
@@ -414,8 +487,21 @@ class SamaTrainer(Trainer):
                                      torch.maximum(old[4:], stats[4:])])
 
     # ----- the meta step ------------------------------------------------------------------------
+    def _check_optimizer(self) -> None:
+        """method="sama" needs the optimiser's adaptation diagonal: refuse before θ takes a step."""
+        if self.method == "sama":
+            from .adaptation import require_diagonal
+
+            require_diagonal(_real_optimizer(self.optimizer))
+
+    def train(self, *args, **kwargs):
+        self._reset_step()
+        return super().train(*args, **kwargs)
+
     def _after_optimizer_step(self) -> None:
-        step_inputs, self._step_inputs = self._step_inputs, []
+        step_inputs, records = self._step_inputs, self._step_records
+        self._reset_step()
+        self._commit_records(records)  # (also for a skipped step: its examples were weighted, as before)
         if self.accelerator.optimizer_step_was_skipped:  # (fp16 overflow) θ did not move: nothing to learn from
             return
         step = self.state.global_step + 1  # the step just taken (the Trainer counts it after the scheduler)
