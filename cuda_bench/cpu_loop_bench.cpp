@@ -85,7 +85,7 @@ struct Bench {
         continue;
       }
 #endif
-      s += cpu_chunk<Op, T, T, float>(op, ctx, l, 0, c0, c1);
+      s += cpu_chunk<Op, T, T, float>(op, ctx, l, 0, c0, c1).a;  // Σ of the first reduction (Σv²)
     }
     return s;
   }
