@@ -22,7 +22,7 @@ the shards. So all groups are resharded before θ changes.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import torch
@@ -34,7 +34,7 @@ from . import ops, precision
 from .adaptation import adapt_sumsq
 from .frozen_inputs import current_recorder, recording, reset_recorder
 from .state_guard import BufferGuard, signals_deferred
-from .step_common import MetaStepInfo, finish_theta, rng_states, scalar_loss, set_rng_states
+from .step_common import MetaStepInfo, finish_theta, meta_grads, rng_states, scalar_loss, set_rng_states
 
 try:  # FSDP2 and DTensor (absent from builds without torch.distributed)
     from torch.distributed.fsdp import FSDPModule
@@ -203,7 +203,7 @@ class _ReplicatedMeta:
 
     def pass_2(self, base_loss, scale) -> None:
         with self.module.no_sync():
-            self.g_plus = _lam_grads(base_loss, self.lam)
+            self.g_plus = meta_grads(base_loss, self.lam)
 
     @contextmanager
     def pass_3(self, base_loss, scale, eps_r, direct):
@@ -411,17 +411,6 @@ def _pass_1(meta_loss, theta, lam, local, meta):
     d = [x if x.stride() == t.stride() and x.dtype == t.dtype else torch.empty_like(t).copy_(x)
          for x, t in zip(d, local)]
     return lm, d, direct
-
-
-def _lam_grads(base_loss, lam):
-    with torch.enable_grad():
-        lb = scalar_loss(base_loss(), "base_loss")
-        g = torch.autograd.grad(lb, lam, allow_unused=True)
-    if all(x is None for x in g):
-        raise ValueError(
-            "sama_ext.meta_step: base_loss() does not depend on any meta param, so the meta-gradient would be 0. "
-            "Does the loss use the meta params (e.g. a weight net) outside sama_ext.frozen / .detach()?")
-    return g
 
 
 def _recover(base_module, groups) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 from . import ops, precision, step_record
 from .adaptation import SAFEGUARDS, adapt_sumsq
 from .frozen_inputs import current_recorder, recording, reset_recorder
-from .step_common import MetaStepInfo, accumulate, scalar_loss
+from .step_common import MetaStepInfo, accumulate, meta_grads, scalar_loss
 from .step_common import finish_theta as _finish_theta, rng_states as _rng_states, set_rng_states as _set_rng_states
 from .state_guard import BufferGuard, check_disjoint, signals_deferred
 
@@ -221,7 +221,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     dot_p, moved_p = precision.perturb_save_(theta, v, backup, eps)
                     saved = True
                 with local():
-                    g_plus = _meta_grads(base_loss, lam)
+                    g_plus = meta_grads(base_loss, lam)
                 rec.replay()
                 _set_rng_states(rng)
                 dot_m, moved_m = precision.perturb_from_(theta, backup, v, -eps)  # θ⁻ = θ − εv, one rounding
@@ -231,7 +231,7 @@ def meta_step(base_params: Sequence[Tensor], base_optimizer: torch.optim.Optimiz
                     eps_r, lost, moved_p = eps, torch.zeros_like(ok), None
                 if meta_module is None:
                     with local():
-                        g_minus = _meta_grads(base_loss, lam)
+                        g_minus = meta_grads(base_loss, lam)
                 else:
                     # Pass 3 communicates: an ordinary backward through the DDP meta module, whose
                     # hook adds λ.grad's old value, λ's direct gradient and (g⁻ − g⁺)/(2ε) per bucket
@@ -353,12 +353,3 @@ def _consumed_gradients(opt: torch.optim.Optimizer, theta: list[Tensor]) -> tupl
     return grads, stepped
 
 
-def _meta_grads(base_loss: Callable[[], Tensor], lam: list[Tensor]) -> tuple:
-    with torch.enable_grad():
-        lb = scalar_loss(base_loss(), "base_loss")
-        g = torch.autograd.grad(lb, lam, allow_unused=True)
-    if all(x is None for x in g):
-        raise ValueError(
-            "sama_ext.meta_step: base_loss() does not depend on any meta param, so the meta-gradient would be 0. "
-            "Does the loss use the meta params (e.g. a weight net) outside sama_ext.frozen / .detach()?")
-    return g

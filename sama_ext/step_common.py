@@ -38,6 +38,18 @@ def scalar_loss(value, what: str) -> Tensor:
     return value.reshape(())
 
 
+def meta_grads(base_loss, lam: list[Tensor]) -> tuple:
+    """∂L_base/∂λ at the current θ (g⁺ or g⁻), with an error where L_base ignores every meta param."""
+    with torch.enable_grad():
+        lb = scalar_loss(base_loss(), "base_loss")
+        g = torch.autograd.grad(lb, lam, allow_unused=True)
+    if all(x is None for x in g):
+        raise ValueError(
+            "sama_ext.meta_step: base_loss() does not depend on any meta param, so the meta-gradient would be 0. "
+            "Does the loss use the meta params (e.g. a weight net) outside sama_ext.frozen / .detach()?")
+    return g
+
+
 def accumulate(param: Tensor, grad: Tensor) -> None:
     if param.grad is None:
         param.grad = grad.detach().clone()
