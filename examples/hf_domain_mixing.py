@@ -21,7 +21,7 @@ A plot of the learned domain weights over training goes to --out (hf_domain_mixi
 
     PYTHONPATH=. python examples/hf_domain_mixing.py [--quick] [--seeds 0 1] [--steps 1000]
 
-Measured results (machine, command, the negative outcome on one seed): docs/huggingface.md.
+Measured results (machine, command, the negative outcome on three seeds): docs/huggingface.md.
 """
 from __future__ import annotations
 
