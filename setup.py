@@ -76,8 +76,9 @@ setup(
     install_requires=["torch>=2.4", "ninja", "numpy"],
     extras_require={
         # the test suite also runs the demo and the examples (a small HuggingFace BERT built in code)
+        # accelerate: transformers.Trainer needs it (sama_ext.hf); peft: LoRA adapters as θ (FSDP2 tests, example)
         "test": ["pytest", "hypothesis", "expecttest", "scikit-learn", "matplotlib", "tqdm", "transformers",
-                 "accelerate"],  # accelerate: transformers.Trainer needs it (sama_ext.hf)
+                 "accelerate", "peft"],
         "hf": ["transformers", "accelerate"],  # sama_ext.hf.SamaTrainer
         "demo": ["scikit-learn", "matplotlib", "tqdm"],
     },
